@@ -1,0 +1,250 @@
+"""End-to-end runs of run_realign.main() on tiny models and fixture parallel files, and its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForTokenClassification
+
+import run_realign
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def realign_argv(model: str, parallel_dirs: dict, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", model,
+        "--languages", "fra,yor,swa",
+        "--parallel_data_dir", str(parallel_dirs["train"]),
+        "--eval_parallel_data_dir", str(parallel_dirs["eval"]),
+        "--output_dir", str(output_dir),
+        "--max_steps", "30",
+        "--per_device_train_batch_size", "8",
+        "--learning_rate", "1e-3",
+        "--logging_steps", "5",
+        "--save_steps", "15",
+        "--use_cpu",
+        "--seed", "7",
+        "--cache_dir", str(output_dir.parent / "cache"),
+        *extra,
+    ]
+
+
+def logged_losses(output_dir: Path) -> list[float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_bert", "tiny_xlmr"])
+def test_realign_end_to_end(model_fixture, request, parallel_dirs, tmp_path):
+    model = request.getfixturevalue(model_fixture)
+    out = tmp_path / "out"
+    metrics = run_realign.main(realign_argv(model, parallel_dirs, out))
+
+    losses = logged_losses(out)
+    assert len(losses) == 6
+    assert losses[-1] < 0.7 * losses[0], losses
+
+    state = json.loads((out / "trainer_state.json").read_text())
+    train_logs = [e for e in state["log_history"] if "train_retrieval_acc" in e]
+    assert train_logs and all(0 <= e["train_retrieval_acc"] <= 1 for e in train_logs)
+    assert train_logs[-1]["train_positive_cosine"] > train_logs[-1]["train_negative_cosine"]
+
+    # Held-out retrieval: keys for every language and their average.
+    for code in ("fra", "yor", "swa"):
+        for key in ("retrieval_en2xx", "retrieval_xx2en", "retrieval_acc"):
+            assert 0 <= metrics[f"eval_{code}_{key}"] <= 1
+    assert "eval_loss" in metrics and metrics["eval_avg_retrieval_acc"] == pytest.approx(
+        sum(metrics[f"eval_{c}_retrieval_acc"] for c in ("fra", "yor", "swa")) / 3
+    )
+    results = json.loads((out / "all_results.json").read_text())
+    assert "eval_fra_retrieval_acc" in results and "train_loss" in results
+
+    # The checkpoint is a plain encoder that the Auto classes load, with trained weights.
+    reloaded = AutoModel.from_pretrained(out)
+    base = AutoModel.from_pretrained(model)
+    name = "embeddings.word_embeddings.weight"
+    assert not torch.allclose(reloaded.state_dict()[name], base.state_dict()[name])
+    AutoModelForTokenClassification.from_pretrained(out, num_labels=3)
+
+    config = json.loads((out / run_realign.CONFIG_FILE).read_text())
+    assert config["languages"] == ["fra", "yor", "swa"]
+    assert config["steps"] == 30 and config["seed"] == 7 and config["base_model"] == model
+    assert set(config["pair_counts"]) == {"fra", "yor", "swa"}
+    assert config["pair_counts"]["fra"]["kept"] == 18 and config["pair_counts"]["fra"]["held_out"] == 6
+    assert config["loss"]["temperature"] == 0.1 and config["loss"]["pooling"] == "mean"
+    assert config["code_version"]
+    card = (out / "README.md").read_text()
+    assert "## Realignment" in card and "fra, yor, swa" in card
+
+
+def test_reference_compat_drops_projection_head(tiny_xlmr, parallel_dirs, tmp_path):
+    out = tmp_path / "out"
+    run_realign.main(realign_argv(tiny_xlmr, parallel_dirs, out, "--reference_compat", "--max_steps", "10"))
+    config = json.loads((out / run_realign.CONFIG_FILE).read_text())
+    assert config["loss"]["projection_head"] is True and config["loss"]["strip_sentencepiece_space"] is True
+    saved = load_file(out / "model.safetensors")
+    assert not any(k.startswith(run_realign.PROJECTION_PREFIX) for k in saved)
+    # Intermediate checkpoints keep the head, so a resumed run continues with it.
+    checkpoint = load_file(out / "checkpoint-10" / "model.safetensors")
+    assert any(k.startswith(run_realign.PROJECTION_PREFIX) for k in checkpoint)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_bert, parallel_dirs, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    run_realign.main(realign_argv(tiny_bert, parallel_dirs, full))
+
+    interrupted = tmp_path / "interrupted"
+    original_step = run_realign.RealignTrainer.training_step
+    calls = {"n": 0}
+
+    def crash_after_20(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise KeyboardInterrupt("simulated crash")
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_realign.RealignTrainer, "training_step", crash_after_20)
+    with pytest.raises(KeyboardInterrupt):
+        run_realign.main(realign_argv(tiny_bert, parallel_dirs, interrupted))
+    monkeypatch.setattr(run_realign.RealignTrainer, "training_step", original_step)
+    assert (interrupted / "checkpoint-15").is_dir() and not (interrupted / "model.safetensors").exists()
+
+    run_realign.main(realign_argv(tiny_bert, parallel_dirs, interrupted))  # finds checkpoint-15 by itself
+    state = json.loads((interrupted / "trainer_state.json").read_text())
+    assert state["global_step"] == 30
+    a, b = load_file(full / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_output_dir_with_other_settings_is_refused(tiny_bert, parallel_dirs, tmp_path):
+    out = tmp_path / "out"
+    run_realign.main(realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "5"))
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ValueError, match="other settings.*temperature"):
+        run_realign.main(realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "5", "--temperature", "0.05"))
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_config_yaml_with_cli_override(tiny_bert, parallel_dirs, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("temperature: 0.2\nmax_steps: 4\nlanguages: fra,yor\n")
+    out = tmp_path / "out"
+    argv = ["--config", str(config), *realign_argv(tiny_bert, parallel_dirs, out)]
+    argv[argv.index("--max_steps") + 1] = "3"
+    argv[argv.index("--languages") : argv.index("--languages") + 2] = []
+    run_realign.main(argv)
+    saved = json.loads((out / run_realign.CONFIG_FILE).read_text())
+    assert saved["loss"]["temperature"] == 0.2  # from the YAML
+    assert saved["steps"] == 3  # the command line wins
+    assert saved["languages"] == ["fra", "yor"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("temprature: 0.2\n")
+    with pytest.raises(ValueError, match="unknown key.*temprature"):
+        run_realign.main(["--config", str(bad), *realign_argv(tiny_bert, parallel_dirs, tmp_path / "o2")])
+
+
+# -- bad input: a clear error and no output --------------------------------------------------------------------------
+
+
+def write_files(folder: Path, files: dict[str, str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "files, match",
+    [
+        ({"fra.tsv": ""}, "fra.tsv holds no parallel pair"),
+        ({"fra.tsv": "Hello\tBonjour\nno separator here\n"}, r"fra.tsv:2: no tab separator"),
+        ({"en-fra.en": "a\nb\nc\n", "en-fra.fra": "x\ny\n"}, "has 3 lines but .* has 2"),
+        ({"fra.jsonl": '{"translation": {"fr": "x"}}\n'}, r"fra.jsonl:1: expected a JSON object"),
+        ({"fra.tsv": "same\tsame\n\tempty\n"}, "Every fra training pair was filtered out"),
+    ],
+)
+def test_bad_parallel_files(files, match, tiny_bert, tmp_path):
+    data = write_files(tmp_path / "data", files)
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_bert, "--languages", "fra", "--parallel_data_dir", str(data),
+            "--output_dir", str(out), "--max_steps", "2", "--use_cpu"]
+    with pytest.raises(ValueError, match=match):
+        run_realign.main(argv)
+    assert not out.exists() or not any(p.suffix in (".safetensors", ".json") and p.name != run_realign.SETTINGS_FILE
+                                       for p in out.iterdir())
+
+
+def test_overlong_pairs_all_dropped(tiny_bert, parallel_dirs, tmp_path):
+    argv = ["--model_name_or_path", tiny_bert, "--languages", "fra", "--parallel_data_dir", str(parallel_dirs["train"]),
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--use_cpu", "--max_seq_length", "4"]
+    with pytest.raises(ValueError, match="Every fra training pair was filtered out.*overlong"):
+        run_realign.main(argv)
+
+
+def test_missing_language_file(tiny_bert, parallel_dirs, tmp_path):
+    argv = ["--model_name_or_path", tiny_bert, "--languages", "fra,deu", "--parallel_data_dir",
+            str(parallel_dirs["train"]), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--use_cpu"]
+    with pytest.raises(FileNotFoundError, match="No parallel file for deu"):
+        run_realign.main(argv)
+
+
+@pytest.mark.parametrize(
+    "spec, error, match",
+    [
+        (["--languages", "fra,xyz"], ValueError, "xyz"),
+        (["--subset", "no_such_subset"], FileNotFoundError, "no_such_subset"),
+        ([], ValueError, "Give the languages"),
+    ],
+)
+def test_bad_language_selection(spec, error, match, tiny_bert, parallel_dirs, tmp_path):
+    argv = ["--model_name_or_path", tiny_bert, *spec, "--parallel_data_dir", str(parallel_dirs["train"]),
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--use_cpu"]
+    with pytest.raises(error, match=match):
+        run_realign.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_subset_yaml(tiny_bert, parallel_dirs, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nlanguages: [fra, yor\n")
+    argv = ["--model_name_or_path", tiny_bert, "--subset", str(bad), "--parallel_data_dir", str(parallel_dirs["train"]),
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--use_cpu"]
+    with pytest.raises(ValueError, match="bad.yaml"):
+        run_realign.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
+# -- two processes ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_two_process_cpu_run(gather, tiny_bert, parallel_dirs, tmp_path):
+    out = tmp_path / "out"
+    argv = realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "6", "--per_device_train_batch_size", "4",
+                        "--logging_steps", "2", "--save_steps", "100")
+    if gather:
+        argv.append("--gather_negatives")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + gather), str(ROOT / "run_realign.py"), *argv]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert json.loads((out / run_realign.CONFIG_FILE).read_text())["settings"]["training.world_size"] == 2
+    AutoModel.from_pretrained(out)
+    retrieval = [e["train_retrieval_acc"] for e in state["log_history"] if "train_retrieval_acc" in e]
+    assert retrieval
+    # Each query's negatives: the other 2·4 − 2 sentences of its process, or 2·(4·2) − 2 with gathering.
+    negatives = {e["train_negatives_per_query"] for e in state["log_history"] if "train_negatives_per_query" in e}
+    assert negatives == ({14} if gather else {6})
