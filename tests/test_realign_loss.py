@@ -182,9 +182,8 @@ def test_reference_prefix_pooling_on_crafted_input(tiny_xlmr):
 
 
 def test_standalone_space_is_stripped(tiny_xlmr):
-    from transformers import AutoTokenizer
-
     import datasets
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_xlmr)
     space = tokenizer.convert_tokens_to_ids("▁")
