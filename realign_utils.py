@@ -400,8 +400,8 @@ def find_local_split(data_dir: str, source: str, config: str, split: str, extens
         raise FileNotFoundError(
             f"No local {source} file for config {config!r}, split {split!r}: expected {folder}/{split}"
             f"{{{','.join(extensions)}}} or a folder {folder / split}/ of parquet files (layout: "
-            "--data_dir/<source>/<config>/<split>.<ext>). Add the file, or leave the language out with "
-            "--eval_languages / --eval_sources."
+            "--data_dir/<source>/<config>/<split>.<ext>). Add the file, or, for an evaluation language, leave it out "
+            "with --eval_languages / --eval_sources."
         )
     if len(found) > 1:
         raise ValueError(f"{folder} holds several files for split {split!r} ({', '.join(p.name for p in found)}); keep one.")

@@ -1,0 +1,480 @@
+#!/usr/bin/env python
+"""Fine-tune an encoder on English XNLI and evaluate it zero-shot on every listed language and NLI dataset.
+
+One process, one fine-tune: English XNLI training, then accuracy per (source, language) on XNLI's 14 other
+languages, AfriXNLI (16 African languages), AmericasNLI (10, out of distribution), IndoNLI (test_expert) and
+Myanmar-XNLI, their macro averages in `all_results.json`, and one row per language in the results table.
+
+    python run_xnli.py --model_name_or_path out/xlmr-uriel20 --eval_languages paper --output_dir out/xnli-uriel20
+    accelerate launch run_xnli.py --model_name_or_path xlm-roberta-base --eval_languages paper \
+        --output_dir out/xnli-baseline --seed 23
+    accelerate launch run_xnli.py --model_name_or_path out/xlmr-uriel20 --data_dir data/downstream \
+        --eval_languages yor,swa,quy --output_dir out/xnli-local --deepspeed ds_configs/zero2.json
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from realign_utils import (
+    ENGLISH,
+    FINETUNE_SETTINGS_FILE,
+    FINETUNE_TRAINING_KEYS,
+    LOCAL_TABLE_EXTENSIONS,
+    EvalSet,
+    EvalTarget,
+    append_downstream_results,
+    asdict_public,
+    check_checkpoint_labels,
+    check_settings,
+    class_label_names,
+    detect_checkpoint,
+    eval_configs,
+    evaluate_languages,
+    find_local_split,
+    freeze_encoder,
+    labels_to_training_ids,
+    load_hub_split,
+    parse_args,
+    parse_revisions,
+    read_local_table,
+    require_columns,
+    resolve_eval_languages,
+    setup_logging,
+    write_downstream_model_card,
+)
+
+logger = logging.getLogger(__name__)
+
+# The paper's downstream settings (A.6): lr 2e-5, batch 32, 2 epochs for NLI, linear decay after a 10 % warm-up (a
+# float warmup_steps below 1 is a ratio in transformers 5), no model selection on target-language dev data.
+PAPER_TRAINING_DEFAULTS = {
+    "num_train_epochs": 2,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 32,
+    "learning_rate": 2e-5,
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 0.1,
+    "weight_decay": 0.0,
+    "do_train": True,
+    "do_eval": True,
+    "save_steps": 2000,
+    "save_total_limit": 2,
+    "logging_steps": 50,
+    "report_to": "none",
+}
+
+# XNLI's ClassLabel order, shared by AfriXNLI's integer labels (0/1/2); used only to read files holding bare
+# integers. Evaluation labels are always matched to the training labels by name, never by position.
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+# Myanmar-XNLI's main branch has been rewritten; this commit holds the test split with string labels.
+MYXNLI_REVISION = "56b5468e589a550006cff24060de0bc9ca98c24a"
+METRICS = ("accuracy",)
+
+
+@dataclass(frozen=True)
+class NLISource:
+    """An NLI dataset: where it lives and what its text columns are called."""
+
+    name: str  # key of metrics and results rows, the registry's `eval` key, and the --data_dir sub-folder
+    hub_id: str
+    text_columns: tuple[str, str] = ("premise", "hypothesis")
+    split: str = "test"  # the split every language is evaluated on
+    parquet_branch: bool = False  # script-only repositories are read from refs/convert/parquet
+    revision: str | None = None
+
+
+SOURCES = {
+    "xnli": NLISource("xnli", "facebook/xnli"),
+    "afrixnli": NLISource("afrixnli", "masakhane/afrixnli"),
+    "americasnli": NLISource("americasnli", "nala-cub/americas_nli"),
+    "indonli": NLISource("indonli", "afaji/indonli", split="test_expert", parquet_branch=True),
+    "myxnli": NLISource("myxnli", "akhtet/myanmar-xnli", ("sentence1_my", "sentence2_my"), revision=MYXNLI_REVISION),
+}
+TRAIN_SOURCE = "xnli"
+# AfriXNLI also ships French (and English, which is the training language): the paper restricts it to its 16 African
+# languages. Both can still be requested explicitly (keys eval_afrixnli_fra_accuracy, eval_afrixnli_eng_accuracy).
+NOT_IN_PAPER = {"afrixnli": ("fra",)}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "The encoder to fine-tune: a Hub model id (xlm-roberta-base) or a local (realigned) checkpoint."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "The tokenizer to use, if it differs from --model_name_or_path."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where to store the models and datasets downloaded from the Hub."}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "The model version to use: a branch name, tag name or commit id."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Whether to run code from the model's Hub repository. Only enable it for repositories you trust."},
+    )
+    finetune_mode: str = field(
+        default="full",
+        metadata={
+            "help": "'full' fine-tunes the whole model (the paper); 'linear' freezes the encoder and trains the "
+            "classification head only (a linear probe)."
+        },
+    )
+
+    def __post_init__(self):
+        if self.finetune_mode not in ("full", "linear"):
+            raise ValueError(f"--finetune_mode must be 'full' or 'linear', got {self.finetune_mode!r}.")
+
+
+@dataclass
+class DataArguments:
+    eval_languages: str = field(
+        default="paper",
+        metadata={
+            "help": "The languages to evaluate zero-shot: 'paper' (the paper's 42: XNLI 14, AfriXNLI 16, "
+            "AmericasNLI 10, IndoNLI ind, Myanmar-XNLI mya), a subset YAML or name (uriel_20), 'all' (the 65 "
+            "realignment languages) or a comma list of codes (yor,swa,quy). A language is evaluated on every source "
+            "that has it; languages without data are skipped with a warning. English, the training language, is "
+            "always evaluated in-language. Metrics are named eval_{source}_{language}_accuracy (e.g. "
+            "eval_xnli_swa_accuracy, eval_afrixnli_swa_accuracy, eval_xnli_eng_accuracy) with the canonical ISO "
+            "639-3 code; eval_avg_accuracy is the unweighted mean over every evaluated (source, language) except "
+            "English, and eval_avg_{source}_accuracy the mean within one source."
+        },
+    )
+    eval_sources: str | None = field(
+        default=None,
+        metadata={
+            "help": "A comma list restricting evaluation to some sources: xnli, afrixnli, americasnli, indonli, "
+            "myxnli. Default: all of them."
+        },
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Read every dataset from local files instead of the Hub (there is no fallback either way). Layout: "
+            "DIR/<source>/<config>/<split>.<ext>, with the source key (xnli, afrixnli, americasnli, indonli, myxnli), "
+            "the Hub config (en, sw, swa, quy, indonli, default) and split (train for English; test, or test_expert "
+            "for IndoNLI), e.g. DIR/xnli/sw/test.parquet, DIR/afrixnli/swa/test.tsv, DIR/myxnli/default/test.jsonl "
+            "or DIR/indonli/indonli/test_expert/0000.parquet (a parquet-branch folder). Formats: .parquet, .jsonl, "
+            ".json or .tsv (header line) with the Hub's columns (premise, hypothesis, label; Myanmar-XNLI: "
+            "sentence1_my, sentence2_my, label); labels as ClassLabel ids, names (entailment, neutral, "
+            "contradiction; case-insensitive) or integers 0/1/2 in that order."
+        },
+    )
+    dataset_revisions: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pin dataset versions: a comma list of source=revision (Hub commits). myxnli is pinned to "
+            f"{MYXNLI_REVISION[:10]}… by default; indonli reads refs/convert/parquet unless pinned."
+        },
+    )
+    max_seq_length: int = field(
+        default=200,
+        metadata={
+            "help": "The maximum number of tokens of a training pair, special tokens included (paper: 200; the "
+            "reference code trains at 96)."
+        },
+    )
+    eval_max_seq_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "The maximum number of tokens of an evaluation pair (default: --max_seq_length). The reference "
+            "code evaluates at 128 or 256 while training at 96."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "For debugging: keep only the first this many English training pairs."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "For debugging: keep only the first this many pairs of every language."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "The number of processes used to tokenise."}
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "Whether to tokenise again instead of reusing the cache."})
+    results_file: str = field(
+        default="results/results.csv",
+        metadata={
+            "help": "The results table to append one row per (source, language) to (columns: "
+            "realign_utils.RESULTS_COLUMNS). 'none' writes no rows."
+        },
+    )
+
+    def __post_init__(self):
+        if self.eval_sources is not None:
+            unknown = sorted(set(self.eval_source_list) - set(SOURCES))
+            if unknown or not self.eval_source_list:
+                raise ValueError(
+                    f"--eval_sources {self.eval_sources!r}: unknown source(s) {unknown}; the NLI sources are "
+                    f"{', '.join(SOURCES)}."
+                )
+        self.revisions = {name: s.revision for name, s in SOURCES.items() if s.revision}
+        self.revisions.update(parse_revisions(self.dataset_revisions, list(SOURCES)))
+        for name in ("max_seq_length", "eval_max_seq_length"):
+            value = getattr(self, name)
+            if value is not None and value < 3:
+                raise ValueError(f"--{name} must leave room for special tokens and text (at least 3).")
+        if self.data_dir is not None and not os.path.isdir(self.data_dir):
+            raise ValueError(f"--data_dir {self.data_dir} is not a folder.")
+
+    @property
+    def eval_source_list(self) -> list[str]:
+        return [s.strip() for s in (self.eval_sources or "").split(",") if s.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def paper_languages(source: str) -> list[str]:
+    """The languages the paper evaluates on `source` (English excluded: it is the training language)."""
+    excluded = {ENGLISH, *NOT_IN_PAPER.get(source, ())}
+    return [code for code in eval_configs(source) if code not in excluded]
+
+
+def resolve_targets(data_args: DataArguments, seed: int) -> list[EvalTarget]:
+    """English (in-language XNLI) first, then every requested (source, language)."""
+    english = EvalTarget(TRAIN_SOURCE, ENGLISH, eval_configs(TRAIN_SOURCE)[ENGLISH])
+    wanted = [n for n in SOURCES if n in data_args.eval_source_list] if data_args.eval_sources else list(SOURCES)
+    available = {n: eval_configs(n) for n in wanted}
+    paper = {n: paper_languages(n) for n in wanted}
+    targets = [english]
+    for target in resolve_eval_languages(data_args.eval_languages, available, paper, seed):
+        if target not in targets:
+            targets.append(target)
+    counts = {n: sum(t.source == n and t.language != ENGLISH for t in targets) for n in wanted}
+    logger.info("Evaluating %d (source, language) entries plus English: %s", len(targets) - 1,
+                ", ".join(f"{n} {c}" for n, c in counts.items()))
+    return targets
+
+
+def load_split(source: NLISource, config: str, split: str, data_args, cache_dir) -> tuple[datasets.Dataset, str]:
+    """One split of one source, from --data_dir or the Hub (never one for the other), and where it came from."""
+    if data_args.data_dir is not None:
+        path = find_local_split(data_args.data_dir, source.name, config, split, (*LOCAL_TABLE_EXTENSIONS, ".tsv"))
+        dataset, origin = read_local_table(path, cache_dir), str(path)
+    else:
+        revision = data_args.revisions.get(source.name)
+        dataset = load_hub_split(
+            source.hub_id, config, split, parquet_branch=source.parquet_branch, revision=revision, cache_dir=cache_dir
+        )
+        origin = f"{source.hub_id} {config}/{split}"
+    require_columns(
+        dataset, (*source.text_columns, "label"), origin,
+        f"{source.name} data needs the columns of {source.hub_id}: {', '.join(source.text_columns)} and label.",
+    )
+    if len(dataset) == 0:
+        raise ValueError(f"{origin} holds no examples.")
+    dataset = dataset.rename_columns(dict(zip(source.text_columns, ("premise", "hypothesis"))))
+    dataset = dataset.select_columns(["premise", "hypothesis", "label"])
+    empty = {c: dataset.data.column(c).null_count for c in ("premise", "hypothesis")}
+    if any(empty.values()):
+        logger.warning("%s: %s null text value(s), read as empty strings.", origin, empty)
+        dataset = dataset.map(
+            lambda batch: {c: [text or "" for text in batch[c]] for c in ("premise", "hypothesis")},
+            batched=True, desc=f"Filling null texts of {origin}",
+        )
+    return dataset, origin
+
+
+def normalize_label_name(name: str) -> str:
+    """String labels (Myanmar-XNLI) are matched case- and space-insensitively: 'Entailment ' is entailment."""
+    return name.strip().lower()
+
+
+def load_training_data(data_args: DataArguments, model_args: ModelArguments, do_train: bool):
+    """The English training pairs (None when not training) and the label list, in the training data's order."""
+    source = SOURCES[TRAIN_SOURCE]
+    config = eval_configs(TRAIN_SOURCE)[ENGLISH]
+    dataset, origin = load_split(source, config, "train" if do_train else source.split, data_args, model_args.cache_dir)
+    label_list = class_label_names(dataset.features["label"]) or list(NLI_LABELS)
+    logger.info("Labels from %s: %s", origin, label_list)
+    if not do_train:
+        return None, label_list
+    dataset = labels_to_training_ids(dataset, "label", label_list, origin=origin, declared_names=NLI_LABELS,
+                                     normalize=normalize_label_name)
+    if data_args.max_train_samples is not None:
+        dataset = dataset.select(range(min(len(dataset), data_args.max_train_samples)))
+    return EvalSet(TRAIN_SOURCE, ENGLISH, dataset, origin), label_list
+
+
+def load_eval_data(targets, label_list, data_args: DataArguments, model_args: ModelArguments) -> list[EvalSet]:
+    """The raw evaluation pairs of every target, labels rewritten as training label ids (matched by name)."""
+    eval_sets = []
+    for target in targets:
+        source = SOURCES[target.source]
+        dataset, origin = load_split(source, target.config, source.split, data_args, model_args.cache_dir)
+        dataset = labels_to_training_ids(dataset, "label", label_list, origin=origin, declared_names=NLI_LABELS,
+                                         normalize=normalize_label_name)
+        if data_args.max_eval_samples is not None:
+            dataset = dataset.select(range(min(len(dataset), data_args.max_eval_samples)))
+        eval_sets.append(EvalSet(target.source, target.language, dataset, origin))
+    return eval_sets
+
+
+def tokenize_pairs(examples, tokenizer, max_length: int) -> dict[str, Any]:
+    """Tokenise premise/hypothesis pairs (the longer side is cut first) and keep the label ids."""
+    tokenized = tokenizer(examples["premise"], examples["hypothesis"], truncation=True, max_length=max_length)
+    tokenized["labels"] = examples["label"]
+    return tokenized
+
+
+def tokenize_set(eval_set: EvalSet, tokenizer, max_length: int, data_args: DataArguments) -> EvalSet:
+    dataset = eval_set.dataset.map(
+        tokenize_pairs,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        num_proc=data_args.preprocessing_num_workers,
+        remove_columns=eval_set.dataset.column_names,
+        load_from_cache_file=not data_args.overwrite_cache,
+        desc=f"Tokenizing {eval_set.source} {eval_set.language}",
+    )
+    return EvalSet(eval_set.source, eval_set.language, dataset, eval_set.origin)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model and metrics
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer_and_model(model_args: ModelArguments, label_list: list[str]):
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    check_checkpoint_labels(config, label_list, model_args.model_name_or_path)
+    config.num_labels = len(label_list)
+    config.id2label = dict(enumerate(label_list))
+    config.label2id = {label: i for i, label in enumerate(label_list)}
+    config.finetuning_task = "xnli"
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    if model_args.finetune_mode == "linear":
+        freeze_encoder(model)
+    return tokenizer, model
+
+
+def compute_metrics(eval_pred) -> dict[str, float]:
+    """Accuracy of the predicted classes (already arg-maxed by `argmax_logits`)."""
+    predictions, labels = eval_pred.predictions, eval_pred.label_ids  # (N,) each
+    return {"accuracy": float((np.asarray(predictions) == np.asarray(labels)).mean())}
+
+
+def argmax_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Keep only the predicted class ids, so the Trainer gathers (N,) integers instead of (N, 3) logits."""
+    return logits.argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_xnli_args(argv: list[str] | None = None):
+    model_args, data_args, training_args = parse_args(
+        (ModelArguments, DataArguments, TrainingArguments), PAPER_TRAINING_DEFAULTS, argv
+    )
+    if training_args.eval_strategy != "no":
+        raise ValueError(
+            "--eval_strategy must stay 'no': the paper selects no model on target-language dev data; every language "
+            "is evaluated once, after training."
+        )
+    return model_args, data_args, training_args
+
+
+def run_settings(model_args, data_args, training_args) -> dict[str, Any]:
+    """What determines the fine-tuned model: a run resumed in the same output_dir must match it exactly."""
+    data_keys = ("data_dir", "dataset_revisions", "max_seq_length", "max_train_samples")
+    return {
+        "model_name_or_path": model_args.model_name_or_path,
+        "finetune_mode": model_args.finetune_mode,
+        "data.task": "nli",
+        **{f"data.{k}": v for k, v in asdict_public(data_args).items() if k in data_keys},
+        **{f"training.{k}": getattr(training_args, k) for k in FINETUNE_TRAINING_KEYS},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    model_args, data_args, training_args = parse_xnli_args(argv)
+    setup_logging(training_args)
+    logger.info("NLI: %s; model %s", data_args, model_args)
+    set_seed(training_args.seed)
+
+    targets = resolve_targets(data_args, training_args.seed)
+    with training_args.main_process_first(desc="reading the datasets"):
+        raw_train, label_list = load_training_data(data_args, model_args, training_args.do_train)
+        raw_evals = load_eval_data(targets, label_list, data_args, model_args) if training_args.do_eval else []
+    tokenizer, model = load_tokenizer_and_model(model_args, label_list)
+    eval_length = data_args.eval_max_seq_length or data_args.max_seq_length
+    with training_args.main_process_first(desc="tokenising the datasets"):
+        train_set = tokenize_set(raw_train, tokenizer, data_args.max_seq_length, data_args) if raw_train else None
+        eval_sets = [tokenize_set(raw, tokenizer, eval_length, data_args) for raw in raw_evals]
+    # Recorded once the data is known to be good, so that a run failing on its input leaves nothing behind.
+    check_settings(training_args.output_dir, run_settings(model_args, data_args, training_args),
+                   FINETUNE_SETTINGS_FILE, training_args.should_save)
+    last_checkpoint = detect_checkpoint(training_args)
+
+    pad_multiple = 8 if torch.cuda.is_available() and not training_args.use_cpu else None
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set.dataset if train_set else None,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple),
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=argmax_logits,
+    )
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
+        trainer.save_model()
+        metrics = dict(train_result.metrics, train_samples=len(train_set.dataset))
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        eval_metrics, entries = evaluate_languages(trainer, eval_sets, METRICS)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+        if trainer.is_world_process_zero() and data_args.results_file.lower() not in ("", "none"):
+            append_downstream_results(
+                data_args.results_file, entries, METRICS, task="nli", model_name_or_path=model_args.model_name_or_path,
+                seed=training_args.seed, run_dir=training_args.output_dir,
+            )
+    if training_args.do_train:
+        write_downstream_model_card(
+            trainer, finetuned_from=model_args.model_name_or_path, task_tag="text-classification",
+            dataset_ids=[s.hub_id for s in SOURCES.values()], languages=[t.language for t in targets],
+            tags=["nli", f"finetune-{model_args.finetune_mode}"], metrics=metrics,
+        )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
