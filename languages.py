@@ -38,7 +38,8 @@ EVAL_RESOURCES = tuple(
     "udpos masakhapos wikiann masakhaner xnli afrixnli americasnli indonli myxnli sib200 tatoeba".split()
 )
 PARALLEL_SOURCES = ("opus100", "nllb")
-SUBSET_KEYS = ("name", "description", "source", "strategy", "n", "languages", "pool", "notes")
+# `selection` records how select_languages.py computed a subset (objective, solver, optimality).
+SUBSET_KEYS = ("name", "description", "source", "strategy", "n", "languages", "pool", "notes", "selection")
 RANDOM_STRATEGY = "random"
 
 
@@ -325,7 +326,14 @@ def _draw_random(path: Path, n: Any, pool_name: Any, registry: Registry, seed: i
         pool = load_subset(pool_path, registry=registry, seed=seed).languages
     if n > len(pool):
         raise ValueError(f"{path}: cannot draw n={n} languages from a pool of {len(pool)} ({pool_name or 'all'}).")
-    # Same stream as `np.random.seed(seed); np.random.choice(pool, n, replace=False)`, without touching global state.
+    return draw_random(pool, n, seed)
+
+
+def draw_random(pool: list[str], n: int, seed: int) -> list[str]:
+    """The reference code's draw: `np.random.seed(seed); np.random.choice(pool, n, replace=False)`.
+
+    The same stream, from a private RandomState so numpy's global state is left alone. Pool order matters.
+    """
     return [str(code) for code in np.random.RandomState(seed).choice(pool, n, replace=False)]
 
 
