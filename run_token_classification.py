@@ -10,8 +10,7 @@ UDPOS + MasakhaPOS or WikiANN + MasakhaNER 2.0, their macro averages in `all_res
     accelerate launch run_token_classification.py --task ner --model_name_or_path xlm-roberta-base \
         --eval_languages paper --output_dir out/ner-baseline
     accelerate launch run_token_classification.py --task pos --model_name_or_path out/xlmr-uriel20 \
-        --data_dir data/downstream --eval_languages yor,wol,fra --output_dir out/pos-local \
-        --deepspeed ds_configs/zero2.json   # local files, DeepSpeed ZeRO-2
+        --data_dir data/downstream --eval_languages yor,wol,fra --output_dir out/pos-local   # local files
 """
 
 from __future__ import annotations

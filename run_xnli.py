@@ -9,7 +9,7 @@ Myanmar-XNLI, their macro averages in `all_results.json`, and one row per langua
     accelerate launch run_xnli.py --model_name_or_path xlm-roberta-base --eval_languages paper \
         --output_dir out/xnli-baseline --seed 23
     accelerate launch run_xnli.py --model_name_or_path out/xlmr-uriel20 --data_dir data/downstream \
-        --eval_languages yor,swa,quy --output_dir out/xnli-local --deepspeed ds_configs/zero2.json
+        --eval_languages yor,swa,quy --output_dir out/xnli-local   # local files
 """
 
 from __future__ import annotations
