@@ -220,6 +220,133 @@ def center(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings - embeddings.mean(dim=0, keepdim=True)
 
 
+@torch.no_grad()
+def retrieval_recall_at_k(queries: torch.Tensor, candidates: torch.Tensor, ks: Iterable[int] = (1, 5, 10)) -> dict[int, float]:
+    """Share of queries whose translation (row i ↔ row i) is among their k nearest candidates (cosine), for each k.
+
+    A candidate ties with the translation only when it is exactly as similar; ties do not push the translation down.
+    """
+    ks = list(ks)
+    if len(queries) == 0:
+        return {k: float("nan") for k in ks}
+    q = torch.nn.functional.normalize(queries.float(), dim=-1)
+    c = torch.nn.functional.normalize(candidates.float(), dim=-1)
+    similarities = q @ c.T  # (n, m)
+    correct = similarities.diagonal().unsqueeze(1)  # (n, 1)
+    rank = (similarities > correct).sum(dim=1)  # (n,) candidates strictly closer than the translation
+    return {k: (rank < k).float().mean().item() for k in ks}
+
+
+@torch.no_grad()
+def encode_layers(
+    model,
+    tokenizer,
+    texts: list[str],
+    layers: Iterable[int],
+    *,
+    batch_size: int = 32,
+    max_length: int = 128,
+    device: torch.device | str | None = None,
+) -> dict[int, torch.Tensor]:
+    """Masked-mean sentence vectors of several hidden layers in one pass: {layer: (len(texts), d)} on the CPU.
+
+    `layers` are `hidden_states` indices (0 = embeddings, `num_hidden_layers` = last). Special tokens and padding are
+    left out of the mean, as in realignment. Texts are embedded longest first (less padding), returned in input order.
+    """
+    layers = list(layers)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long, device=device)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out = {layer: [None] * len(texts) for layer in layers}
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt").to(device)
+        hidden_states = model(**batch, output_hidden_states=True).hidden_states  # (layers + 1) × (B, L, d)
+        mask = content_token_mask(batch["input_ids"], batch["attention_mask"], special_ids)
+        for layer in layers:
+            pooled = masked_mean_pool(hidden_states[layer].float(), mask).cpu()  # (B, d)
+            for row, index in enumerate(chunk):
+                out[layer][index] = pooled[row]
+    model.train(was_training)
+    return {layer: torch.stack(vectors) if vectors else torch.empty(0) for layer, vectors in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Local parallel files (run_realign.py's --parallel_data_dir, analyze_alignment.py's --parallel_data)
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Keys of the English side in a JSON-lines 'translation' dict.
+ENGLISH_KEYS = ("en", "eng")
+
+
+def find_local_parallel_file(folder: str, language) -> list[Path]:
+    """The file(s) holding `language` (a registry `Language`) in `folder`: {code}.tsv, {code}.jsonl or the pair
+    en-{code}.en / en-{code}.{code}."""
+    names = [language.code, *language.aliases] + ([language.iso639_1] if language.iso639_1 else [])
+    folder_path = Path(folder)
+    for name in names:
+        for suffix in (".tsv", ".jsonl", ".json"):
+            if (folder_path / f"{name}{suffix}").is_file():
+                return [folder_path / f"{name}{suffix}"]
+        en_side, xx_side = folder_path / f"en-{name}.en", folder_path / f"en-{name}.{name}"
+        if en_side.is_file() and xx_side.is_file():
+            return [en_side, xx_side]
+    raise FileNotFoundError(
+        f"No parallel file for {language.code} ({language.name}) in {folder}: expected {language.code}.tsv, "
+        f"{language.code}.jsonl or en-{language.code}.en + en-{language.code}.{language.code} (aliases "
+        f"{', '.join(names[1:]) or 'none'} are accepted as well)."
+    )
+
+
+def read_local_parallel(files: list[Path]) -> dict[str, list[str]]:
+    """Read English/translation pairs (`src` = English, `tgt` = translation) from local files, failing with the file
+    and line of any malformed input."""
+    src, tgt = [], []
+    if len(files) == 2:
+        with open(files[0], encoding="utf-8") as f_en, open(files[1], encoding="utf-8") as f_xx:
+            src, tgt = f_en.read().splitlines(), f_xx.read().splitlines()
+        if len(src) != len(tgt):
+            raise ValueError(
+                f"{files[0]} has {len(src)} lines but {files[1]} has {len(tgt)}: the two sides must be aligned line "
+                "by line."
+            )
+    elif files[0].suffix == ".tsv":
+        with open(files[0], encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                line = line.rstrip("\n").rstrip("\r")
+                if not line.strip():
+                    continue
+                if "\t" not in line:
+                    raise ValueError(
+                        f"{files[0]}:{lineno}: no tab separator. Each line must be English<TAB>translation."
+                    )
+                english, translation = line.split("\t", 2)[:2]
+                src.append(english)
+                tgt.append(translation)
+    else:
+        with open(files[0], encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    translation = json.loads(line)["translation"]
+                    english_key = next(k for k in ENGLISH_KEYS if k in translation)
+                    (other_key,) = [k for k in translation if k != english_key]
+                except (json.JSONDecodeError, KeyError, TypeError, StopIteration, ValueError) as err:
+                    raise ValueError(
+                        f"{files[0]}:{lineno}: expected a JSON object with a 'translation' dict holding an 'en' (or "
+                        f"'eng') key and one other language key ({type(err).__name__}: {err})."
+                    ) from err
+                src.append(translation[english_key])
+                tgt.append(translation[other_key])
+    if not src:
+        raise ValueError(f"{files[0]} holds no parallel pair: the file is empty.")
+    return {"src": src, "tgt": tgt}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------------------------------------------------

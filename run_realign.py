@@ -10,15 +10,25 @@ masked-mean pooled sentences. The output is a plain encoder checkpoint that any 
         --output_dir out/xlmr-uriel20 --gather_negatives
     python run_realign.py --subset uriel_20 --parallel_data_dir data/parallel --model_name_or_path xlm-roberta-base \
         --output_dir out/xlmr-uriel20 --reference_compat   # offline files, the reference code's behaviour
+    python run_realign.py --subset uriel_20 --model_name_or_path xlm-roberta-base --output_dir out/xlmr-words \
+        --alignment word --aligner eflomal --loss_weights sentence=1,mlm=1   # aligned word pairs plus MLM
+
+`--alignment word` aligns word pairs extracted by eflomal instead of averaged sentences (the paper's Appendix A.2
+comparison); `--loss_weights` combines the contrastive loss with the companion paper's word-level (bag-of-words) and
+MLM losses (λ_S·L_S + λ_W·L_W + λ_M·L_M).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
 import os
+import tempfile
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +36,12 @@ from typing import Any
 
 import datasets
 import numpy as np
+import regex
 import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
 import languages as lang_registry
 from realign_utils import (
@@ -39,8 +50,10 @@ from realign_utils import (
     code_version,
     content_token_mask,
     detect_checkpoint,
+    find_local_parallel_file,
     masked_mean_pool,
     parse_args,
+    read_local_parallel,
     retrieval_precision_at_1,
     setup_logging,
     write_json_atomic,
@@ -67,7 +80,8 @@ PAPER_TRAINING_DEFAULTS = {
 SETTINGS_FILE = "realign_settings.json"
 CONFIG_FILE = "realign_config.json"
 PROJECTION_PREFIX = "realign_projection."
-ENGLISH_KEYS = ("en", "eng")
+MLM_HEAD_PREFIX = "realign_mlm_head."
+HEAD_PREFIXES = (PROJECTION_PREFIX, MLM_HEAD_PREFIX)  # trained with the encoder, never saved with it
 
 
 @dataclass
@@ -236,6 +250,47 @@ class RealignArguments:
             "per_device_train_batch_size − 1."
         },
     )
+    alignment: str = field(
+        default="sentence",
+        metadata={
+            "help": "What the contrastive loss aligns: 'sentence' (the paper's averaging trick: one pooled vector per "
+            "sentence) or 'word' (word pairs extracted by --aligner from the parallel data, Wu & Dredze 2020 style: "
+            "each aligned word pair is a positive, the other aligned words of the batch are negatives)."
+        },
+    )
+    aligner: str = field(
+        default="eflomal",
+        metadata={
+            "help": "The word aligner of --alignment word: 'eflomal' (pip install eflomal; a faster successor of "
+            "FastAlign). It runs once per language; its alignments are cached by the content of the data. It aligns "
+            "only the pairs --max_pairs_per_language / --max_train_samples keep (its time grows with the corpus)."
+        },
+    )
+    word_pooling: str = field(
+        default="first",
+        metadata={
+            "help": "How --alignment word represents a word by its sub-words: 'first' (the first sub-word) or 'mean' "
+            "(the mean of its sub-words)."
+        },
+    )
+    loss_weights: str = field(
+        default="sentence=1",
+        metadata={
+            "help": "Weights of the loss terms, as in the companion paper's λ_S·L_S + λ_W·L_W + λ_M·L_M: a comma list "
+            "of sentence=…, word=…, mlm=… (missing terms are 0; e.g. sentence=1,word=0,mlm=1). 'sentence' is the "
+            "contrastive alignment loss (over sentences, or over aligned words with --alignment word); 'word' the "
+            "companion paper's bag-of-words loss against sampled vocabulary negatives; 'mlm' masked language "
+            "modelling on both sides. Default: the paper's loss alone."
+        },
+    )
+    word_negatives: int = field(
+        default=512,
+        metadata={"help": "How many vocabulary negatives the 'word' loss samples per batch (companion paper: 512)."},
+    )
+    mlm_probability: float = field(
+        default=0.15,
+        metadata={"help": "The share of text tokens the 'mlm' loss masks (BERT / XLM-R pre-training: 0.15)."},
+    )
 
     def __post_init__(self):
         reference = {"pooling": "reference_prefix", "realign_layer": -2, "projection_head": True}
@@ -249,6 +304,62 @@ class RealignArguments:
             raise ValueError(f"--pooling must be 'mean' or 'reference_prefix', got {self.pooling!r}.")
         if self.temperature <= 0:
             raise ValueError("--temperature must be positive (the paper uses 0.1).")
+        if self.alignment not in ("sentence", "word"):
+            raise ValueError(f"--alignment must be 'sentence' or 'word', got {self.alignment!r}.")
+        if self.aligner not in ALIGNERS:
+            raise ValueError(f"--aligner must be one of {', '.join(ALIGNERS)}, got {self.aligner!r}.")
+        if self.word_pooling not in ("first", "mean"):
+            raise ValueError(f"--word_pooling must be 'first' or 'mean', got {self.word_pooling!r}.")
+        self.loss_weights = format_loss_weights(parse_loss_weights(self.loss_weights))
+        if self.alignment == "word" and self.gather_negatives:
+            raise ValueError(
+                "--gather_negatives works with --alignment sentence only: processes hold different numbers of aligned "
+                "words, so their word vectors cannot be gathered into one tensor. Drop one of the two flags."
+            )
+        if self.word_negatives < 1:
+            raise ValueError("--word_negatives must be at least 1 (the companion paper samples 512).")
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError("--mlm_probability must be between 0 and 1 (BERT uses 0.15).")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The loss weights as a dict {sentence, word, mlm}."""
+        return parse_loss_weights(self.loss_weights)
+
+
+LOSS_TERMS = ("sentence", "word", "mlm")
+DEFAULT_LOSS_WEIGHTS = {"sentence": 1.0, "word": 0.0, "mlm": 0.0}
+ALIGNERS = ("eflomal",)
+
+
+def parse_loss_weights(spec: str) -> dict[str, float]:
+    """Parse `sentence=1,word=0,mlm=1` into {sentence, word, mlm}; missing terms are 0, at least one must be positive."""
+    weights = dict.fromkeys(LOSS_TERMS, 0.0)
+    for item in spec.split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in LOSS_TERMS:
+            raise ValueError(
+                f"--loss_weights: expected term=weight with term one of {', '.join(LOSS_TERMS)}, got {item.strip()!r} "
+                "(e.g. --loss_weights sentence=1,word=0,mlm=1)."
+            )
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"--loss_weights: the weight of {name} must be a number, got {value.strip()!r}.") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"--loss_weights: the weight of {name} must be a non-negative number, got {weight}.")
+        weights[name] = weight
+    if not any(weights.values()):
+        raise ValueError("--loss_weights: at least one of sentence, word and mlm needs a positive weight.")
+    return weights
+
+
+def format_loss_weights(weights: dict[str, float]) -> str:
+    """The canonical spelling of the weights (`sentence=1,word=0,mlm=1`), recorded in the run's settings."""
+    return ",".join(f"{name}={weights[name]:g}" for name in LOSS_TERMS)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -329,6 +440,185 @@ def contrastive_alignment_loss(
     return loss, stats
 
 
+def word_bag_loss(
+    queries: torch.Tensor,
+    pair_input_ids: torch.Tensor,
+    embedding_matrix: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    num_negatives: int = 512,
+    temperature: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The companion paper's word-level loss L_W: a parallel pair's representation must predict its bag of words.
+
+    For each of the n translation pairs of the batch, the query q is the representation of the concatenated pair
+    (English sentence + translation, encoded as one sequence); its bag of words B is the set of distinct vocabulary
+    items (sub-words) of the concatenation, special tokens excluded; S is a set of `num_negatives` vocabulary items
+    sampled uniformly per batch (special tokens excluded, and, for each pair, the items of its own bag removed, so
+    that negatives come from V \\ B as in HiCTL). e(w) is the encoder's input embedding of w (the embedding lookup
+    the paper names) and s(·,·) the cosine divided by the temperature, as for the sentence loss:
+
+        L_W = −1/n Σ_i 1/|B_i| Σ_{w_t ∈ B_i} log [ exp(s(q_i, e(w_t))) /
+                                                  ( exp(s(q_i, e(w_t))) + Σ_{w_j ∈ S \\ B_i} exp(s(q_i, e(w_j))) ) ]
+
+    which is the companion paper's §4.2 formula, −1/(n|B|) Σ_i Σ_t log(...), with |B| read per pair (bags differ in
+    size). The paper leaves q unspecified ("the query"); we use the hidden state of the first position ([CLS] / <s>)
+    of the concatenated pair at the aligned layer, HiCTL's sentence representation.
+
+    Also known as: HiCTL's word-level contrastive loss (Wei et al., 2021), a bag-of-words prediction task with
+    sampled-softmax negatives. Relations: unlike `contrastive_alignment_loss`, positives are vocabulary items, not
+    other sentences, so it mainly moves the input embeddings and the sentence representation; the companion paper
+    finds that this loss alone (S0W1M0) hurts retrieval and downstream accuracy.
+
+    Args:
+        queries: (n, d) the representations q of the n concatenated pairs.
+        pair_input_ids: (n, L) the token ids of the concatenated pairs, padding and special tokens included; the ids
+            not in `candidate_ids` (special tokens, padding) are left out of the bags.
+        embedding_matrix: (V, d) the input embeddings e(·).
+        candidate_ids: (C,) the vocabulary items that may be sampled as negatives or belong to a bag (the vocabulary
+            without special tokens).
+        num_negatives: |S|; capped at C.
+        temperature: T in exp(cos / T) (the companion paper uses 0.1 for every loss).
+        generator: the random generator that draws S (the global one when None).
+
+    Returns:
+        The scalar loss and detached statistics: `word_bag_size` (mean |B_i|) and `word_bag_acc` (share of bag items
+        more similar to q than every negative).
+
+    References:
+        Wei et al. (2021), On Learning Universal Representations Across Languages (HiCTL), §3.2;
+        the companion paper (Veitsman et al., "Why Better Cross-Lingual Alignment Fails for Better Cross-Lingual
+        Transfer"), §4.2 and Table 4 (512 negatives, T = 0.1).
+
+    Example:
+        >>> embeddings = torch.randn(20, 8)
+        >>> loss, stats = word_bag_loss(torch.randn(2, 8), torch.tensor([[0, 5, 6, 1], [0, 7, 7, 1]]), embeddings,
+        ...                             torch.arange(2, 20), num_negatives=6)
+        >>> loss.shape, sorted(stats)
+        (torch.Size([]), ['word_bag_acc', 'word_bag_size'])
+    """
+    device = queries.device
+    count = min(num_negatives, len(candidate_ids))
+    negatives = candidate_ids[torch.randperm(len(candidate_ids), generator=generator)[:count].to(device)]  # (K,)
+    # Bags: the distinct candidate ids of each row (sorted; repeats and non-candidates masked out).
+    ids, _ = pair_input_ids.sort(dim=1)  # (n, L)
+    in_bag = torch.isin(ids, candidate_ids)
+    in_bag[:, 1:] &= ids[:, 1:] != ids[:, :-1]
+    q = F.normalize(queries, dim=-1)  # (n, d)
+    positive_cos = torch.einsum("nd,nld->nl", q, F.normalize(embedding_matrix[ids], dim=-1))  # (n, L)
+    negative_cos = q @ F.normalize(embedding_matrix[negatives], dim=-1).T  # (n, K)
+    negative_in_bag = ((ids[:, :, None] == negatives[None, None, :]) & in_bag[:, :, None]).any(dim=1)  # (n, K)
+    negative_logits = (negative_cos / temperature).masked_fill(negative_in_bag, torch.finfo(negative_cos.dtype).min)
+    negative_lse = torch.logsumexp(negative_logits, dim=1, keepdim=True)  # (n, 1)
+    positive_logits = positive_cos / temperature  # (n, L)
+    # −log(e^p / (e^p + Σ e^neg)) = log(e^p + Σ e^neg) − p
+    per_item = torch.logaddexp(positive_logits, negative_lse) - positive_logits  # (n, L)
+    bag_sizes = in_bag.sum(dim=1)  # (n,)
+    per_pair = (per_item * in_bag).sum(dim=1) / bag_sizes.clamp(min=1)  # (n,)
+    has_bag = bag_sizes > 0
+    loss = per_pair[has_bag].mean() if bool(has_bag.any()) else per_pair.sum() * 0.0
+    with torch.no_grad():
+        beats_negatives = (positive_logits > negative_logits.max(dim=1, keepdim=True).values) & in_bag
+        stats = {
+            "word_bag_size": bag_sizes.float().mean(),
+            "word_bag_acc": beats_negatives.sum().float() / in_bag.sum().clamp(min=1),
+        }
+    return loss, stats
+
+
+def masked_lm_loss(
+    encoder: nn.Module,
+    mlm_head: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    special_ids: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Masked language modelling (L_M) on the given sentences, BERT's recipe: predict the tokens at masked positions.
+
+    Each text token (special tokens and padding excluded) is selected with `probability`; a selected token is replaced
+    by the mask token 80 % of the time, by a random vocabulary item 10 % of the time and kept 10 % of the time, and
+
+        L_M = −1/|M| Σ_{m ∈ M} log p(x_m | x̃)
+
+    with M the selected positions, x̃ the corrupted input and p the MLM head's softmax over the vocabulary. Only the
+    selected positions go through the head: the (rows, length, vocabulary) logits of a 250k-item vocabulary would not
+    fit in memory.
+
+    Also known as: the MLM / cloze objective of BERT and XLM-R pre-training; the companion paper's L_M (following
+    HiCTL and InfoXLM, which keep MLM next to their contrastive terms to preserve the pre-trained representations).
+
+    Args:
+        encoder: the encoder (an `AutoModel`); its last hidden layer feeds the head.
+        mlm_head: the pre-trained MLM head of the encoder's `AutoModelForMaskedLM`, tied to its input embeddings.
+        input_ids: (B, L) the sentences (both sides of the pairs, stacked), padded.
+        attention_mask: (B, L).
+        special_ids: (S,) token ids never masked.
+        mask_token_id: the tokenizer's mask token.
+        vocab_size: random replacements are drawn from 0 … vocab_size − 1.
+        probability: the selection rate (0.15).
+        generator: the random generator of the masking (the global one when None).
+
+    Returns:
+        The scalar loss (0, with a gradient graph, when no position was selected).
+
+    References:
+        Devlin et al. (2019), BERT, §3.1; Conneau et al. (2020), XLM-R; the companion paper, §4.2.
+
+    Example:
+        >>> # loss = masked_lm_loss(encoder, head, batch["input_ids"], batch["attention_mask"], specials, 4, 30522)
+    """
+    device = input_ids.device
+    maskable = content_token_mask(input_ids, attention_mask, special_ids)  # (B, L)
+    draws = torch.rand(input_ids.shape, generator=generator).to(device)  # (B, L)
+    selected = maskable & (draws < probability)
+    corrupted = input_ids.clone()
+    # Reuse the draw: < 0.8·p → mask, 0.8·p … 0.9·p → random token, ≥ 0.9·p → unchanged.
+    corrupted[selected & (draws < 0.8 * probability)] = mask_token_id
+    random_positions = selected & (draws >= 0.8 * probability) & (draws < 0.9 * probability)
+    random_tokens = torch.randint(vocab_size, input_ids.shape, generator=generator).to(device)
+    corrupted[random_positions] = random_tokens[random_positions]
+    hidden = encoder(input_ids=corrupted, attention_mask=attention_mask).last_hidden_state  # (B, L, d)
+    if not bool(selected.any()):
+        return mlm_head(hidden[:, 0]).sum() * 0.0  # nothing to predict: zero, with the head in the graph
+    logits = mlm_head(hidden[selected])  # (M, V)
+    return F.cross_entropy(logits.float(), input_ids[selected])
+
+
+def layer_hidden_states(model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
+    """The hidden states (B, L, d) of `hidden_states[layer]` (0 = embeddings, -1 = last layer)."""
+    base = getattr(model, "module", model)  # a DeepSpeed engine's .config is its own dict, not the model's
+    last = layer in (-1, base.config.num_hidden_layers) if hasattr(base, "config") else layer == -1
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=not last, **extra)
+    return outputs.last_hidden_state if last else outputs.hidden_states[layer]
+
+
+def word_pair_vectors(
+    hidden: torch.Tensor, word_spans: torch.Tensor, n_pairs: int, pooling: str = "first"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vectors of aligned words: (P, d) English words and (P, d) their translations.
+
+    `hidden` (2N, L, d) holds the N English sentences then their N translations; each row of `word_spans` (P, 5) is
+    [pair index, English start, English end, translation start, translation end] (token positions, end exclusive).
+    A word is its first sub-word (`first`) or the mean of its sub-words (`mean`).
+    """
+    pair, src_start, src_end, tgt_start, tgt_end = word_spans.unbind(dim=1)  # (P,) each
+    tgt_row = pair + n_pairs
+    if pooling == "first":
+        return hidden[pair, src_start], hidden[tgt_row, tgt_start]
+    # Span means from prefix sums: (C[end] − C[start]) / (end − start), no (P, L, d) gather.
+    prefix = F.pad(hidden.float().cumsum(dim=1), (0, 0, 1, 0))  # (2N, L + 1, d)
+
+    def span_mean(rows, start, end):
+        width = (end - start).clamp(min=1).unsqueeze(1).to(prefix.dtype)  # (P, 1)
+        return ((prefix[rows, end] - prefix[rows, start]) / width).to(hidden.dtype)  # (P, d)
+
+    return span_mean(pair, src_start, src_end), span_mean(tgt_row, tgt_start, tgt_end)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
@@ -348,69 +638,6 @@ def resolve_languages(data_args: DataArguments, seed: int) -> tuple[list[str], d
         raise ValueError("No language other than English to realign with.")
     logger.info("Realigning with %d languages: %s", len(codes), ", ".join(codes))
     return codes, info
-
-
-def find_local_parallel_file(folder: str, language: lang_registry.Language) -> list[Path]:
-    """The file(s) holding `language` in `folder`: {code}.tsv, {code}.jsonl or the pair en-{code}.en / en-{code}.{code}."""
-    names = [language.code, *language.aliases] + ([language.iso639_1] if language.iso639_1 else [])
-    folder_path = Path(folder)
-    for name in names:
-        for suffix in (".tsv", ".jsonl", ".json"):
-            if (folder_path / f"{name}{suffix}").is_file():
-                return [folder_path / f"{name}{suffix}"]
-        en_side, xx_side = folder_path / f"en-{name}.en", folder_path / f"en-{name}.{name}"
-        if en_side.is_file() and xx_side.is_file():
-            return [en_side, xx_side]
-    raise FileNotFoundError(
-        f"No parallel file for {language.code} ({language.name}) in {folder}: expected {language.code}.tsv, "
-        f"{language.code}.jsonl or en-{language.code}.en + en-{language.code}.{language.code} (aliases "
-        f"{', '.join(names[1:]) or 'none'} are accepted as well)."
-    )
-
-
-def read_local_parallel(files: list[Path]) -> dict[str, list[str]]:
-    """Read English/translation pairs from local files, failing with the file and line of any malformed input."""
-    src, tgt = [], []
-    if len(files) == 2:
-        with open(files[0], encoding="utf-8") as f_en, open(files[1], encoding="utf-8") as f_xx:
-            src, tgt = f_en.read().splitlines(), f_xx.read().splitlines()
-        if len(src) != len(tgt):
-            raise ValueError(
-                f"{files[0]} has {len(src)} lines but {files[1]} has {len(tgt)}: the two sides must be aligned line "
-                "by line."
-            )
-    elif files[0].suffix == ".tsv":
-        with open(files[0], encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                line = line.rstrip("\n").rstrip("\r")
-                if not line.strip():
-                    continue
-                if "\t" not in line:
-                    raise ValueError(
-                        f"{files[0]}:{lineno}: no tab separator. Each line must be English<TAB>translation."
-                    )
-                english, translation = line.split("\t", 2)[:2]
-                src.append(english)
-                tgt.append(translation)
-    else:
-        with open(files[0], encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    translation = json.loads(line)["translation"]
-                    english_key = next(k for k in ENGLISH_KEYS if k in translation)
-                    (other_key,) = [k for k in translation if k != english_key]
-                except (json.JSONDecodeError, KeyError, TypeError, StopIteration, ValueError) as err:
-                    raise ValueError(
-                        f"{files[0]}:{lineno}: expected a JSON object with a 'translation' dict holding an 'en' (or "
-                        f"'eng') key and one other language key ({type(err).__name__}: {err})."
-                    ) from err
-                src.append(translation[english_key])
-                tgt.append(translation[other_key])
-    if not src:
-        raise ValueError(f"{files[0]} holds no parallel pair: the file is empty.")
-    return {"src": src, "tgt": tgt}
 
 
 def load_hub_parallel(language: lang_registry.Language, cache_dir: str | None) -> dict[str, datasets.Dataset]:
@@ -481,30 +708,64 @@ def tokenize_pairs(
     cache_dir: str | None,
     desc: str,
     source_files: list[Path] | None = None,
+    alignment_digest: str | None = None,
 ) -> tuple[datasets.Dataset, dict[str, int]]:
-    """Filter and tokenise one language's pairs once (cached); returns the dataset and per-reason drop counts."""
+    """Filter and tokenise one language's pairs once (cached); returns the dataset and per-reason drop counts.
+
+    Extra columns are built only when a loss needs them: `word_spans` (from the `word_links` column that
+    `add_word_links` adds) for --alignment word, and `pair_input_ids` (the two sides encoded as one sequence) for the
+    'word' loss. `alignment_digest` identifies the word alignments, so that cached tokenisations follow them.
+    """
     n_raw = len(dataset)
     space_id = _standalone_space_id(tokenizer) if realign_args.strip_sentencepiece_space else None
     max_len = data_args.max_seq_length
+    word_mode = realign_args.alignment == "word"
+    pair_mode = realign_args.weights["word"] > 0
+    if word_mode and "word_links" not in dataset.column_names:
+        raise ValueError("--alignment word: the pairs carry no word alignments (call add_word_links first).")
+    skip_ids = set(tokenizer.all_special_ids) | ({_standalone_space_id(tokenizer, quiet=True)} - {None})
 
     def is_usable(batch):
         return [bool(s.strip()) and bool(t.strip()) and s.strip() != t.strip() for s, t in zip(batch["src"], batch["tgt"])]
 
     def tokenize(batch):
         out = {}
+        spans = {}
         for side in ("src", "tgt"):
-            ids = tokenizer(batch[side], add_special_tokens=True, truncation=False)["input_ids"]
+            if word_mode:
+                encoded = _tokenize_with_offsets(tokenizer, batch[side])
+                ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+                if space_id is not None:
+                    offsets = [[o for o, t in zip(off, seq) if t != space_id] for off, seq in zip(offsets, ids)]
+            else:
+                ids = tokenizer(batch[side], add_special_tokens=True, truncation=False)["input_ids"]
             if space_id is not None:
                 ids = [[t for t in seq if t != space_id] for seq in ids]
             out[f"{side}_length"] = [len(seq) for seq in ids]
+            if word_mode:
+                # Words cut off by --overlong truncate lose their span (the last position holds </s> / [SEP]).
+                spans[side] = [
+                    word_token_spans(text, seq, off, skip_ids, len(seq) if len(seq) <= max_len else max_len - 1)
+                    for text, seq, off in zip(batch[side], ids, offsets)
+                ]
             if data_args.overlong == "truncate":
                 ids = [seq if len(seq) <= max_len else seq[: max_len - 1] + seq[-1:] for seq in ids]
             out[f"{side}_input_ids"] = ids
             # The reference code's prefix pooling averages over as many positions as the sentence has words.
             out[f"{side}_n_words"] = [len(text.split()) for text in batch[side]]
+        if word_mode:
+            out["word_spans"] = [
+                links_to_token_spans(links, src_spans, tgt_spans)
+                for links, src_spans, tgt_spans in zip(batch["word_links"], spans["src"], spans["tgt"])
+            ]
+        if pair_mode:
+            out.update(_tokenize_concatenated_pairs(tokenizer, batch["src"], batch["tgt"], 2 * max_len, space_id))
         return out
 
-    cache_kwargs = _tokenized_cache_kwargs(source_files, language, tokenizer, data_args, realign_args, cache_dir, desc)
+    extra_key = (["word", alignment_digest] if word_mode else []) + (["pair_inputs"] if pair_mode else [])
+    cache_kwargs = _tokenized_cache_kwargs(
+        source_files, language, tokenizer, data_args, realign_args, cache_dir, desc, extra_key
+    )
     usable = dataset.filter(is_usable, batched=True, desc=f"Filtering {desc}", **cache_kwargs.get("filter", {}))
     n_unusable = n_raw - len(usable)
     if len(usable) == 0:
@@ -538,18 +799,20 @@ def tokenize_pairs(
     return tokenized, counts
 
 
-def _standalone_space_id(tokenizer) -> int | None:
+def _standalone_space_id(tokenizer, quiet: bool = False) -> int | None:
     token_id = tokenizer.convert_tokens_to_ids("▁")
     if token_id is None or token_id == tokenizer.unk_token_id:
-        logger.warning("--strip_sentencepiece_space: the tokenizer has no stand-alone '▁' token; nothing to strip.")
+        if not quiet:
+            logger.warning("--strip_sentencepiece_space: the tokenizer has no stand-alone '▁' token; nothing to strip.")
         return None
     return token_id
 
 
-def _tokenized_cache_kwargs(files, language, tokenizer, data_args, realign_args, cache_dir, desc) -> dict:
+def _tokenized_cache_kwargs(files, language, tokenizer, data_args, realign_args, cache_dir, desc, extra_key=None) -> dict:
     """Cache files for in-memory datasets built from local files, keyed by the files' content and the settings.
 
-    Datasets loaded from the Hub are already file-backed and cached by `datasets` itself.
+    Datasets loaded from the Hub are already file-backed and cached by `datasets` itself. `extra_key` lists what the
+    optional columns depend on (word alignments, concatenated pairs); it is empty on the default path.
     """
     if not files:
         return {}
@@ -560,6 +823,7 @@ def _tokenized_cache_kwargs(files, language, tokenizer, data_args, realign_args,
         [
             language, desc, tokenizer.name_or_path, len(tokenizer), data_args.max_seq_length, data_args.overlong,
             realign_args.strip_sentencepiece_space, data_args.validation_pairs_per_language, transformers.__version__,
+            *(extra_key or []),
         ]
     )
     digest.update(key.encode())
@@ -570,6 +834,166 @@ def _tokenized_cache_kwargs(files, language, tokenizer, data_args, realign_args,
         "map": {"cache_file_name": str(root / "tokenized.arrow")},
         "overlong": {"cache_file_name": str(root / "not_overlong.arrow")},
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Word alignments (--alignment word) and concatenated pairs (the 'word' loss)
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Words for the aligner: runs of letters, marks and digits (regex's \w includes combining marks, so Devanagari or
+# Yoruba words stay whole), or single other non-space characters. Scripts written without spaces between words
+# (zh, ja, th, my, km, lo) come out as one "word" per run of text between spaces or punctuation: word alignment is
+# of little use for them without a dedicated word segmenter.
+WORD_PATTERN = regex.compile(r"\w+|[^\w\s]")
+ALIGNMENT_CACHE_VERSION = 1
+
+
+def split_words(text: str) -> list[tuple[int, int]]:
+    """The character spans (start, end) of the words of `text` (see WORD_PATTERN)."""
+    return [match.span() for match in WORD_PATTERN.finditer(text)]
+
+
+def is_word(text: str) -> bool:
+    """Whether a pre-tokenised word holds a letter or digit (punctuation is never aligned)."""
+    return regex.search(r"\w", text) is not None
+
+
+def word_token_spans(
+    text: str, input_ids: list[int], offsets: list[tuple[int, int]], skip_ids: set[int], limit: int
+) -> list[tuple[int, int]]:
+    """The token span (start, end exclusive) of every word of `text`, or (-1, -1) for a word without its own token.
+
+    A token belongs to the word its first character falls in (special tokens, empty offsets and the ids of `skip_ids`,
+    such as XLM-R's stand-alone "▁", belong to none), so every token is in at most one word and a word's tokens are
+    contiguous. Words with a token at or beyond `limit` (cut by truncation) get (-1, -1).
+    """
+    words = split_words(text)
+    starts = [start for start, _ in words]
+    spans = [[-1, -1] for _ in words]
+    for position, ((start, end), token) in enumerate(zip(offsets, input_ids)):
+        if start == end or token in skip_ids:
+            continue
+        index = bisect.bisect_right(starts, start) - 1
+        if index < 0 or start >= words[index][1]:
+            continue
+        if spans[index][0] < 0:
+            spans[index][0] = position
+        spans[index][1] = position + 1
+    return [(a, b) if 0 <= a and b <= limit else (-1, -1) for a, b in spans]
+
+
+def links_to_token_spans(
+    links: list[list[int]], src_spans: list[tuple[int, int]], tgt_spans: list[tuple[int, int]]
+) -> list[list[int]]:
+    """[English start, end, translation start, end] of every word link (i, j) whose two words both have tokens."""
+    out = []
+    for i, j in links:
+        if i < len(src_spans) and j < len(tgt_spans) and src_spans[i][0] >= 0 and tgt_spans[j][0] >= 0:
+            out.append([*src_spans[i], *tgt_spans[j]])
+    return out
+
+
+def _tokenize_with_offsets(tokenizer, texts: list[str]):
+    try:
+        return tokenizer(texts, add_special_tokens=True, truncation=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"--alignment word maps words to sub-words through character offsets, which {type(tokenizer).__name__} "
+            f"does not provide ({err}). Use a fast (tokenizers-backed) tokenizer."
+        ) from err
+
+
+def _tokenize_concatenated_pairs(tokenizer, src: list[str], tgt: list[str], max_length: int, space_id: int | None):
+    """The English sentence and its translation as one sequence ([CLS] en [SEP] xx [SEP] / <s> en </s></s> xx </s>)."""
+    encoded = tokenizer(src, tgt, truncation="longest_first", max_length=max_length)
+    out = {"pair_input_ids": encoded["input_ids"]}
+    if "token_type_ids" in encoded:
+        out["pair_token_type_ids"] = encoded["token_type_ids"]
+    if space_id is not None:
+        keep = [[t != space_id for t in seq] for seq in out["pair_input_ids"]]
+        out = {k: [[v for v, kept in zip(seq, mask) if kept] for seq, mask in zip(column, keep)]
+               for k, column in out.items()}
+    return out
+
+
+def extract_word_links(
+    src_texts: list[str], tgt_texts: list[str], aligner: str, cache_root: str | Path, desc: str = ""
+) -> tuple[list[list[list[int]]], str]:
+    """One-to-one word links (i, j) between the words of each English sentence and its translation, and their digest.
+
+    The words (WORD_PATTERN) of the whole corpus are aligned in both directions by `aligner` (eflomal: an IBM-1 +
+    HMM + fertility model sampled by Gibbs sampling, a faster successor of FastAlign) and the forward and reverse
+    alignments are intersected, which keeps precise, one-to-one links (each direction links a word to at most one
+    word of the other side). Links touching punctuation are dropped. Alignments are cached under `cache_root`, keyed
+    by the aligner, its version and the texts, so the aligner runs once per corpus and a resumed run sees the same
+    pairs (eflomal samples at random).
+    """
+    import eflomal  # noqa: F401  (checked here so a missing install fails before any work)
+
+    version = importlib.metadata.version("eflomal")
+    digest = hashlib.sha256(json.dumps([ALIGNMENT_CACHE_VERSION, aligner, version, WORD_PATTERN.pattern]).encode())
+    for text in (*src_texts, "\u0000", *tgt_texts):
+        digest.update(text.encode("utf-8") + b"\n")
+    key = digest.hexdigest()[:24]
+    path = Path(cache_root) / f"{aligner}-{key}.txt"
+    src_words = [[text[a:b] for a, b in split_words(text)] for text in src_texts]
+    tgt_words = [[text[a:b] for a, b in split_words(text)] for text in tgt_texts]
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").split("\n")[: len(src_texts)]
+        logger.info("%s: word alignments read from the cache %s", desc, path)
+    else:
+        start = time.perf_counter()
+        lines = _run_eflomal([" ".join(w) for w in src_words], [" ".join(w) for w in tgt_words])
+        seconds = time.perf_counter() - start
+        logger.info(
+            "%s: eflomal aligned %d pairs in %.1f s (%.1f s per 10k pairs); cached in %s",
+            desc, len(src_texts), seconds, seconds * 10_000 / max(1, len(src_texts)), path,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    if len(lines) != len(src_texts):
+        raise ValueError(f"{path}: {len(lines)} alignment lines for {len(src_texts)} pairs; delete the file to redo it.")
+    links = []
+    for line, src, tgt in zip(lines, src_words, tgt_words):
+        pairs = [tuple(map(int, link.split("-"))) for link in line.split()]
+        links.append([[i, j] for i, j in pairs if i < len(src) and j < len(tgt) and is_word(src[i]) and is_word(tgt[j])])
+    return links, key
+
+
+def _run_eflomal(src_lines: list[str], tgt_lines: list[str]) -> list[str]:
+    """Intersection of eflomal's forward and reverse links, one Pharaoh line ("0-0 2-1") per pair."""
+    import eflomal
+
+    with tempfile.TemporaryDirectory(prefix="realign-eflomal-") as folder:
+        forward, reverse = Path(folder) / "forward", Path(folder) / "reverse"
+        eflomal.Aligner().align(src_lines, tgt_lines, links_filename_fwd=str(forward),
+                                links_filename_rev=str(reverse), quiet=True)
+        forward_lines = forward.read_text(encoding="utf-8").split("\n")[: len(src_lines)]
+        reverse_lines = reverse.read_text(encoding="utf-8").split("\n")[: len(src_lines)]
+    out = []
+    for f_line, r_line in zip(forward_lines, reverse_lines):
+        common = set(f_line.split()) & set(r_line.split())
+        out.append(" ".join(sorted(common, key=lambda link: tuple(map(int, link.split("-"))))))
+    return out
+
+
+def add_word_links(raw: dict[str, Any], code: str, realign_args: RealignArguments, cache_dir: str | None) -> str:
+    """Align a language's training and held-out pairs together (more text, better alignments) and add a `word_links`
+    column to both; returns the alignments' digest."""
+    parts = [raw["train"]] + ([raw["eval"]] if raw.get("eval") is not None else [])
+    src = [text for part in parts for text in part["src"]]
+    tgt = [text for part in parts for text in part["tgt"]]
+    cache_root = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "realign_word_alignments"
+    links, key = extract_word_links(src, tgt, realign_args.aligner, cache_root, desc=code)
+    feature = datasets.List(datasets.List(datasets.Value("int32")))
+    raw["train"] = raw["train"].add_column("word_links", links[: len(raw["train"])], feature=feature)
+    if raw.get("eval") is not None:
+        raw["eval"] = raw["eval"].add_column("word_links", links[len(raw["train"]) :], feature=feature)
+    n_links = sum(len(x) for x in links)
+    logger.info("%s: %d word links, %.1f per pair", code, n_links, n_links / max(1, len(links)))
+    return key
 
 
 def build_datasets(
@@ -591,9 +1015,18 @@ def build_datasets(
     for lang_id, code in enumerate(codes):
         language = registry.get(code)
         raw = load_parallel(language, data_args, model_args.cache_dir)
+        if not with_eval:
+            raw["eval"] = None
+        digest = None
+        if realign_args.alignment == "word":
+            if per_language_cap is not None and len(raw["train"]) > per_language_cap:
+                # Align only what will be used (eflomal's time grows with the corpus): the same random sample of the
+                # whole corpus, drawn before filtering, so a language may end a few pairs short of the cap.
+                raw["train"] = raw["train"].shuffle(seed=seed).select(range(per_language_cap))
+            digest = add_word_links(raw, code, realign_args, model_args.cache_dir)
         train_ds, counts = tokenize_pairs(
             raw["train"], code, tokenizer, data_args, realign_args, model_args.cache_dir, f"{code} train",
-            raw["train_files"],
+            raw["train_files"], digest,
         )
         if len(train_ds) == 0:
             raise ValueError(
@@ -609,7 +1042,7 @@ def build_datasets(
         if raw["eval"] is not None and with_eval:
             eval_ds, _ = tokenize_pairs(
                 raw["eval"], code, tokenizer, data_args, realign_args, model_args.cache_dir, f"{code} held-out",
-                raw["eval_files"],
+                raw["eval_files"], digest,
             )
             if data_args.max_eval_samples is not None:
                 eval_ds = eval_ds.select(range(min(len(eval_ds), data_args.max_eval_samples)))
@@ -699,6 +1132,42 @@ class PairCollator:
         }
 
 
+@dataclass
+class RealignCollator(PairCollator):
+    """`PairCollator` plus the columns of the optional losses; used only when one of them is on.
+
+    `word_spans` (P, 5): [pair index, English start, end, translation start, end] of every aligned word pair of the
+    batch (--alignment word). `pair_input_ids`, `pair_attention_mask` (and `pair_token_type_ids` for BERT) (N, Lp):
+    the concatenated pairs of the 'word' loss.
+    """
+
+    word_spans: bool = False
+    pair_inputs: bool = False
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(features)
+        if self.word_spans:
+            rows = [[index, *span] for index, f in enumerate(features) for span in f["word_spans"]]
+            batch["word_spans"] = torch.tensor(rows, dtype=torch.long).reshape(-1, 5)
+        if self.pair_inputs:
+            sequences = [f["pair_input_ids"] for f in features]
+            lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+            width = int(lengths.max())
+            if self.pad_to_multiple_of:
+                width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            input_ids = np.full((len(sequences), width), self.pad_token_id, dtype=np.int64)
+            token_types = np.zeros((len(sequences), width), dtype=np.int64)
+            for row, feature in enumerate(features):
+                input_ids[row, : lengths[row]] = feature["pair_input_ids"]
+                if "pair_token_type_ids" in feature:
+                    token_types[row, : lengths[row]] = feature["pair_token_type_ids"]
+            batch["pair_input_ids"] = torch.from_numpy(input_ids)
+            batch["pair_attention_mask"] = torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.int64))
+            if "pair_token_type_ids" in features[0]:
+                batch["pair_token_type_ids"] = torch.from_numpy(token_types)
+        return batch
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Model and Trainer
 # ----------------------------------------------------------------------------------------------------------------------
@@ -720,17 +1189,23 @@ def load_encoder(model_args: ModelArguments, realign_args: RealignArguments) -> 
         )
     # Parameters that never receive a gradient (pooler, layers above the aligned one) are frozen so that DDP does
     # not fail on unused parameters; their pre-trained values are saved unchanged for the downstream heads.
+    weights = realign_args.weights
     frozen = [getattr(model, "pooler", None)]
     layer_index = realign_args.realign_layer % (num_layers + 1)
     encoder_layers = getattr(getattr(model, "encoder", None), "layer", None)
-    if encoder_layers is not None:
+    if encoder_layers is not None and not weights["mlm"]:  # the MLM head reads the last layer
         frozen.extend(encoder_layers[layer_index:])
     if model_args.freeze_word_embeddings:
         frozen.append(model.get_input_embeddings())
     for module in frozen:
         if module is not None:
             module.requires_grad_(False)
-    if realign_args.projection_head:
+    if weights["mlm"]:
+        # Registered on the model so checkpoints carry it for resuming; stripped from the final save.
+        model.realign_mlm_head = load_mlm_head(model, model_args)
+        if model_args.freeze_word_embeddings:
+            model.realign_mlm_head.requires_grad_(False)
+    if realign_args.projection_head and weights["sentence"]:
         hidden = model.config.hidden_size
         # Registered on the model so checkpoints carry it for resuming; stripped from the final save.
         model.realign_projection = nn.Sequential(
@@ -739,12 +1214,50 @@ def load_encoder(model_args: ModelArguments, realign_args: RealignArguments) -> 
     return model
 
 
+def load_mlm_head(encoder: transformers.PreTrainedModel, model_args: ModelArguments) -> nn.Module:
+    """The pre-trained MLM head of the encoder's `AutoModelForMaskedLM`, its decoder tied to `encoder`'s embeddings.
+
+    The encoder itself stays the `AutoModel` already loaded: some MLM classes leave out parts of the encoder
+    (BertForMaskedLM has no pooler), and the saved checkpoint must keep them for `AutoModelFor*` downstream. The head
+    (BERT's `cls`, XLM-R's `lm_head`) is what the MLM model adds on top of its base model.
+    """
+    mlm_model, info = AutoModelForMaskedLM.from_pretrained(
+        model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+        output_loading_info=True,
+    )
+    heads = {name: child for name, child in mlm_model.named_children() if name != mlm_model.base_model_prefix}
+    if len(heads) != 1:
+        raise ValueError(
+            f"{type(mlm_model).__name__} has {len(heads)} modules besides its encoder ({', '.join(heads)}); the 'mlm' "
+            "loss expects exactly one MLM head."
+        )
+    ((name, head),) = heads.items()
+    missing = [key for key in info["missing_keys"] if key.startswith(f"{name}.")]
+    if missing:
+        logger.warning(
+            "%s has no MLM head weights (%d missing, e.g. %s): the 'mlm' loss starts from a freshly initialised head. "
+            "Realigned checkpoints keep no MLM head; start from the pre-trained model to keep its head.",
+            model_args.model_name_or_path, len(missing), missing[0],
+        )
+    output = mlm_model.get_output_embeddings()
+    if output is not None and output.weight is mlm_model.get_input_embeddings().weight:
+        output.weight = encoder.get_input_embeddings().weight  # keep the pre-training tie, to the trained encoder
+    return head
+
+
 class RealignTrainer(Trainer):
     """A Trainer whose loss is `contrastive_alignment_loss` over pooled sentences of translation pairs.
 
     Batches come from `PairCollator`: `input_ids` (2N, L) with the English sides first, `n_words` (2N,), `lang_id`
     (N,). Besides the loss, training logs the in-batch retrieval accuracy and the mean positive / negative cosines;
     `evaluate()` adds per-language retrieval precision@1 on held-out pairs.
+
+    With `--loss_weights` the loss is λ_S·L_S + λ_W·L_W + λ_M·L_M (companion paper, §4.2): L_S the contrastive loss
+    above (over aligned word pairs with --alignment word, whose spans come from `RealignCollator`), L_W
+    `word_bag_loss` and L_M `masked_lm_loss`; each active term is logged as `train_loss_{sentence,word,mlm}`.
     """
 
     # compute_loss returns a per-batch mean, not a sum normalised by num_items_in_batch: the Trainer must divide it
@@ -760,15 +1273,21 @@ class RealignTrainer(Trainer):
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
         self._train_stats: dict[str, list[float]] = defaultdict(list)
         self._final_save = False
+        self.loss_weights = realign_args.weights
+        if self.loss_weights["word"] or self.loss_weights["mlm"]:
+            vocab_size = self.model.get_input_embeddings().weight.shape[0]
+            # Vocabulary items that may be bag words, word-loss negatives or random MLM replacements.
+            candidates = torch.ones(vocab_size, dtype=torch.bool)
+            candidates[self.special_ids[self.special_ids < vocab_size]] = False
+            self.candidate_ids = torch.nonzero(candidates).squeeze(1)
+            self.vocab_size = vocab_size
+            self.mask_token_id = tokenizer.mask_token_id
 
     # -- representations --------------------------------------------------------------------------------------------
 
     def pool(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_words: torch.Tensor) -> torch.Tensor:
         """Sentence vectors (B, d) from the configured layer and pooling."""
-        layer = self.realign_args.realign_layer
-        last = layer in (-1, model.config.num_hidden_layers) if hasattr(model, "config") else layer == -1
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=not last)
-        hidden = outputs.last_hidden_state if last else outputs.hidden_states[layer]  # (B, L, d)
+        hidden = layer_hidden_states(model, self.realign_args.realign_layer, input_ids, attention_mask)  # (B, L, d)
         if self.realign_args.pooling == "mean":
             mask = content_token_mask(input_ids, attention_mask, self.special_ids.to(input_ids.device))
         else:
@@ -778,6 +1297,72 @@ class RealignTrainer(Trainer):
         return masked_mean_pool(hidden, mask)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = self.loss_weights
+        if weights == DEFAULT_LOSS_WEIGHTS and self.realign_args.alignment == "sentence":
+            return self.sentence_alignment_loss(model, inputs, return_outputs)  # the paper's loss, as it always was
+        terms: dict[str, torch.Tensor] = {}
+        if weights["sentence"]:
+            if self.realign_args.alignment == "word":
+                terms["sentence"] = self.word_alignment_loss(model, inputs)
+            else:
+                terms["sentence"] = self.sentence_alignment_loss(model, inputs)
+        if weights["word"]:
+            terms["word"] = self.bag_of_words_loss(model, inputs)
+        if weights["mlm"]:
+            terms["mlm"] = self.mlm_loss(model, inputs)
+        loss = sum(term if weights[name] == 1 else weights[name] * term for name, term in terms.items())
+        if model.training:
+            for name, term in terms.items():
+                self._train_stats[f"loss_{name}"].append(term.item())
+        return (loss, {}) if return_outputs else loss
+
+    def word_alignment_loss(self, model, inputs) -> torch.Tensor:
+        """`contrastive_alignment_loss` over the aligned words of the batch: each word pair is a positive, the other
+        2P − 2 aligned words (both languages) are the negatives."""
+        hidden = layer_hidden_states(model, self.realign_args.realign_layer, inputs["input_ids"], inputs["attention_mask"])
+        n_pairs = inputs["input_ids"].shape[0] // 2
+        src, tgt = word_pair_vectors(hidden, inputs["word_spans"], n_pairs, self.realign_args.word_pooling)  # (P, d)
+        projection = getattr(self.accelerator.unwrap_model(model), "realign_projection", None)
+        if projection is not None:
+            src, tgt = projection(src), projection(tgt)  # (P, 128) each
+        if len(src) == 0:
+            # No aligned word in this batch: no signal, but every trainable parameter in the graph (DDP expects it).
+            return (hidden.sum() + src.sum() + tgt.sum()) * 0.0
+        loss, stats = contrastive_alignment_loss(src, tgt, self.realign_args.temperature)
+        if model.training:
+            for name, value in stats.items():
+                self._train_stats[name].append(value.item())
+            self._train_stats["aligned_words"].append(len(src))
+            self._train_stats["negatives_per_query"].append(2 * len(src) - 2)
+        return loss
+
+    def bag_of_words_loss(self, model, inputs) -> torch.Tensor:
+        """`word_bag_loss` on the concatenated pairs, q being the first position of the aligned layer."""
+        extra = {"token_type_ids": inputs["pair_token_type_ids"]} if "pair_token_type_ids" in inputs else {}
+        hidden = layer_hidden_states(
+            model, self.realign_args.realign_layer, inputs["pair_input_ids"], inputs["pair_attention_mask"], **extra
+        )  # (N, Lp, d)
+        embeddings = self.accelerator.unwrap_model(model).get_input_embeddings().weight  # (V, d)
+        candidates = self.candidate_ids.to(hidden.device)
+        pair_ids = inputs["pair_input_ids"].masked_fill(inputs["pair_attention_mask"] == 0, -1)  # padding: no bag item
+        loss, stats = word_bag_loss(
+            hidden[:, 0], pair_ids, embeddings, candidates, self.realign_args.word_negatives, self.realign_args.temperature
+        )
+        if model.training:
+            for name, value in stats.items():
+                self._train_stats[name].append(value.item())
+        return loss
+
+    def mlm_loss(self, model, inputs) -> torch.Tensor:
+        """`masked_lm_loss` on both sides of the pairs."""
+        head = self.accelerator.unwrap_model(model).realign_mlm_head
+        return masked_lm_loss(
+            model, head, inputs["input_ids"], inputs["attention_mask"], self.special_ids.to(inputs["input_ids"].device),
+            self.mask_token_id, self.vocab_size, self.realign_args.mlm_probability,
+        )
+
+    def sentence_alignment_loss(self, model, inputs, return_outputs: bool = False):
+        """The paper's loss: `contrastive_alignment_loss` over the pooled sentences of the batch."""
         pooled = self.pool(model, inputs["input_ids"], inputs["attention_mask"], inputs["n_words"])  # (2N, d)
         projection = getattr(self.accelerator.unwrap_model(model), "realign_projection", None)
         if projection is not None:
@@ -876,11 +1461,61 @@ class RealignTrainer(Trainer):
         finally:
             self._final_save = False
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(model, "realign_mlm_head", None) is not None:
+            # Keys `_save` left out because they alias the embeddings are not missing: loading re-filled them.
+            state = model.state_dict()
+            aliases = set(state) - set(without_shared_aliases(state, MLM_HEAD_PREFIX))
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in aliases])
+        super()._issue_warnings_after_load(load_result)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self._final_save:
             state_dict = state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model).state_dict()
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(PROJECTION_PREFIX)}
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIXES)}
+        elif getattr(self.accelerator.unwrap_model(self.model), "realign_mlm_head", None) is not None:
+            # The MLM head's decoder shares the embedding matrix: checkpoints store it once, resuming re-ties it.
+            state_dict = state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model).state_dict()
+            state_dict = without_shared_aliases(state_dict, MLM_HEAD_PREFIX)
         super()._save(output_dir, state_dict=state_dict)
+
+
+def check_loss_requirements(tokenizer, realign_args: RealignArguments) -> None:
+    """Fail before any work when a requested loss cannot run: no mask token for 'mlm', no aligner installed."""
+    if realign_args.weights["mlm"] and tokenizer.mask_token_id is None:
+        raise ValueError(
+            f"--loss_weights mlm={realign_args.weights['mlm']:g} needs a tokenizer with a mask token, and "
+            f"{tokenizer.name_or_path} has none. Set mlm=0 or use the model's MLM tokenizer (--tokenizer_name)."
+        )
+    if realign_args.alignment == "word":
+        try:
+            import eflomal  # noqa: F401
+        except ImportError as err:
+            raise ImportError(
+                "--alignment word --aligner eflomal needs the eflomal package: pip install eflomal (it compiles a "
+                "small C extension)."
+            ) from err
+
+
+def make_collator(tokenizer, realign_args: RealignArguments, pad_multiple: int | None) -> PairCollator:
+    """`PairCollator` for the paper's loss; `RealignCollator` when word spans or concatenated pairs are needed."""
+    word_spans, pair_inputs = realign_args.alignment == "word", realign_args.weights["word"] > 0
+    if word_spans or pair_inputs:
+        return RealignCollator(tokenizer.pad_token_id, pad_multiple, word_spans=word_spans, pair_inputs=pair_inputs)
+    return PairCollator(tokenizer.pad_token_id, pad_multiple)
+
+
+def without_shared_aliases(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """`state_dict` without the keys under `prefix` whose tensor another (earlier) key already holds."""
+    seen, kept = set(), {}
+    for key, tensor in state_dict.items():
+        identity = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key.startswith(prefix) and identity in seen:
+            continue
+        seen.add(identity)
+        kept[key] = tensor
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -897,6 +1532,10 @@ def parse_realign_args(argv: list[str] | None = None):
     if training_args.world_size > 1:
         # Every process must hold full batches of the same size, or the gathered negatives would not line up.
         training_args.dataloader_drop_last = True
+    if training_args.ddp_find_unused_parameters is None and (realign_args.weights["mlm"] or realign_args.projection_head):
+        # Heads used outside the encoder's forward (MLM, projection) would be taken for unused parameters and then
+        # marked ready twice; load_encoder freezes every parameter that gets no gradient, so DDP need not look.
+        training_args.ddp_find_unused_parameters = False
     return model_args, data_args, realign_args, training_args
 
 
@@ -941,18 +1580,37 @@ def write_realign_config(trainer, settings, subset_info, pair_stats, train_metri
 
 
 def write_model_card(trainer, settings, subset_info, eval_metrics) -> None:
+    """Write the model card (`README.md`) and, with `--push_to_hub`, upload the output folder with that card.
+
+    The card's metadata lists the languages (English and the realignment languages), the base model and a
+    `realignment` mapping (subset, languages, steps, seed, loss options); its text adds a "Realignment" section with
+    the same facts and the held-out retrieval accuracy when there was an evaluation. `Trainer.push_to_hub` is not
+    used: it would regenerate the card without that section and save the model again, projection head included.
+    """
+    from huggingface_hub import HfApi, ModelCard
+
+    if not trainer.is_world_process_zero():
+        return  # one card and one upload (`should_save` also holds on the other nodes with --save_on_each_node)
     registry = lang_registry.load_registry()
-    iso = [registry.get(c).iso639_1 or c for c in ["eng", *settings["languages"]]]
-    kwargs = {
-        "language": iso,
-        "tags": ["multilingual-realignment", "contrastive", f"subset-{subset_info['name']}"],
-        "finetuned_from": settings["model_name_or_path"],
-        "model_name": Path(trainer.args.output_dir).name,
+    iso = list(dict.fromkeys(registry.get(c).iso639_1 or c for c in ["eng", *settings["languages"]]))
+    loss = {k.removeprefix("loss."): v for k, v in settings.items() if k.startswith("loss.")}
+    output_dir = Path(trainer.args.output_dir)
+    trainer.create_model_card(
+        language=iso,
+        tags=["multilingual-realignment", "contrastive", f"subset-{subset_info['name']}"],
+        finetuned_from=settings["model_name_or_path"],
+        model_name=(trainer.args.hub_model_id or output_dir.name).split("/")[-1],
+    )
+    path = output_dir / "README.md"
+    card = ModelCard.load(path)
+    card.data.base_model = settings["model_name_or_path"]
+    card.data.realignment = {
+        "subset": subset_info["name"],
+        "languages": list(settings["languages"]),
+        "steps": trainer.state.global_step,
+        "seed": settings["training.seed"],
+        "loss": loss,
     }
-    if trainer.args.push_to_hub:
-        trainer.push_to_hub(**kwargs)
-        return
-    trainer.create_model_card(**kwargs)
     lines = [
         "",
         "## Realignment",
@@ -960,12 +1618,32 @@ def write_model_card(trainer, settings, subset_info, eval_metrics) -> None:
         f"- Base model: `{settings['model_name_or_path']}`",
         f"- Subset: `{subset_info['name']}` ({len(settings['languages'])} languages): {', '.join(settings['languages'])}",
         f"- Steps: {trainer.state.global_step}, seed {settings['training.seed']}",
-        "- Loss: " + ", ".join(f"{k.removeprefix('loss.')}={v}" for k, v in settings.items() if k.startswith("loss.")),
+        "- Loss: " + ", ".join(f"{k}={v}" for k, v in loss.items()),
     ]
     if eval_metrics.get("eval_avg_retrieval_acc") is not None:
         lines.append(f"- Held-out retrieval accuracy (mean of both directions): {eval_metrics['eval_avg_retrieval_acc']:.4f}")
-    with open(Path(trainer.args.output_dir) / "README.md", "a", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+        per_language = [
+            f"| {code} | {eval_metrics[f'eval_{code}_retrieval_en2xx']:.4f} | {eval_metrics[f'eval_{code}_retrieval_xx2en']:.4f} |"
+            for code in settings["languages"]
+            if f"eval_{code}_retrieval_en2xx" in eval_metrics and f"eval_{code}_retrieval_xx2en" in eval_metrics
+        ]
+        if per_language:
+            lines += ["", "| language | retrieval en→xx | retrieval xx→en |", "|---|---|---|", *per_language]
+    card.text = card.text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
+    card.save(path)
+    if trainer.args.push_to_hub:
+        trainer._finish_current_push()  # a checkpoint upload still running (--hub_strategy every_save)
+        api = HfApi(token=trainer.args.hub_token)
+        repo_id = getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id or output_dir.name
+        repo_id = api.create_repo(repo_id, private=trainer.args.hub_private_repo, exist_ok=True).repo_id
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(output_dir),
+            commit_message="End of realignment",
+            revision=trainer.args.hub_revision,
+            ignore_patterns=["_*", "checkpoint-*", "*/checkpoint-*"],
+        )
+        logger.info("Uploaded %s to the Hub as %s", output_dir, repo_id)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -981,6 +1659,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         revision=model_args.model_revision,
         trust_remote_code=model_args.trust_remote_code,
     )
+    check_loss_requirements(tokenizer, realign_args)
     settings = run_settings(model_args, data_args, realign_args, training_args, codes, subset_info)
     check_settings(training_args.output_dir, settings, SETTINGS_FILE, training_args.should_save)
     last_checkpoint = detect_checkpoint(training_args)
@@ -1000,7 +1679,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=PairCollator(tokenizer.pad_token_id, pad_multiple),
+        data_collator=make_collator(tokenizer, realign_args, pad_multiple),
         realign_args=realign_args,
         language_codes=codes,
         sampling_probs=sampling_probs,

@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Fine-tune an encoder on English XNLI and evaluate it zero-shot on every listed language and NLI dataset.
+"""Fine-tune an encoder on English XNLI (or SIB-200) and evaluate it zero-shot on every listed language and dataset.
 
 One process, one fine-tune: English XNLI training, then accuracy per (source, language) on XNLI's 14 other
 languages, AfriXNLI (16 African languages), AmericasNLI (10, out of distribution), IndoNLI (test_expert) and
 Myanmar-XNLI, their macro averages in `all_results.json`, and one row per language in the results table.
+`--task sib200` trains on English SIB-200 topic classification instead (the companion paper's sentence-level task)
+and evaluates on SIB-200's other languages.
 
     python run_xnli.py --model_name_or_path out/xlmr-uriel20 --eval_languages paper --output_dir out/xnli-uriel20
     accelerate launch run_xnli.py --model_name_or_path xlm-roberta-base --eval_languages paper \
         --output_dir out/xnli-baseline --seed 23
     accelerate launch run_xnli.py --model_name_or_path out/xlmr-uriel20 --data_dir data/downstream \
         --eval_languages yor,swa,quy --output_dir out/xnli-local   # local files
+    python run_xnli.py --task sib200 --model_name_or_path out/xlmr-uriel20 --eval_languages paper \
+        --finetune_mode linear --output_dir out/sib200-uriel20
 """
 
 from __future__ import annotations
@@ -94,10 +98,11 @@ class NLISource:
 
     name: str  # key of metrics and results rows, the registry's `eval` key, and the --data_dir sub-folder
     hub_id: str
-    text_columns: tuple[str, str] = ("premise", "hypothesis")
+    text_columns: tuple[str, ...] = ("premise", "hypothesis")
     split: str = "test"  # the split every language is evaluated on
     parquet_branch: bool = False  # script-only repositories are read from refs/convert/parquet
     revision: str | None = None
+    label_column: str = "label"
 
 
 SOURCES = {
@@ -111,6 +116,32 @@ TRAIN_SOURCE = "xnli"
 # AfriXNLI also ships French (and English, which is the training language): the paper restricts it to its 16 African
 # languages. Both can still be requested explicitly (keys eval_afrixnli_fra_accuracy, eval_afrixnli_eng_accuracy).
 NOT_IN_PAPER = {"afrixnli": ("fra",)}
+
+# SIB-200 (Adelani et al., 2024): FLORES-200 sentences labelled with one of 7 topics, a `category` STRING column. The
+# label ids of this script follow this fixed order (the one the dataset card lists them in); files are matched to it
+# by name (case-insensitive), never by position.
+SIB200_LABELS = ("science/technology", "travel", "politics", "sports", "health", "entertainment", "geography")
+SIB200_SOURCES = {"sib200": NLISource("sib200", "Davlan/sib200", ("text",), label_column="category")}
+# The companion paper's sentence-classification languages (§4.4): de, es, fa, fr, hi, ja, kk, ko, ru.
+SIB200_PAPER_LANGUAGES = ("deu", "spa", "fas", "fra", "hin", "jpn", "kaz", "kor", "rus")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A sequence-classification task: its evaluation sources, English training source and labels."""
+
+    name: str  # --task, the `task` column of the results table
+    sources: dict[str, NLISource]
+    train_source: str
+    labels: tuple[str, ...]  # the label order of files holding bare integers, and of SIB-200's ids
+    text_columns: tuple[str, ...]  # what every source's text columns are renamed to
+    paper: dict[str, tuple[str, ...]]  # per source: the languages of `--eval_languages paper`, when not the registry's
+
+
+TASKS = {
+    "nli": Task("nli", SOURCES, TRAIN_SOURCE, NLI_LABELS, ("premise", "hypothesis"), {}),
+    "sib200": Task("sib200", SIB200_SOURCES, "sib200", SIB200_LABELS, ("text",), {"sib200": SIB200_PAPER_LANGUAGES}),
+}
 
 
 @dataclass
@@ -146,11 +177,20 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    task: str = field(
+        default="nli",
+        metadata={
+            "help": "'nli': English XNLI training, zero-shot on the NLI sources (the paper). 'sib200': English SIB-200 "
+            "topic classification (Davlan/sib200, 7 topics, the companion paper's sentence-level task), zero-shot on "
+            "SIB-200's other languages; labels in the fixed order " + ", ".join(SIB200_LABELS) + ", matched by name."
+        },
+    )
     eval_languages: str = field(
         default="paper",
         metadata={
             "help": "The languages to evaluate zero-shot: 'paper' (the paper's 42: XNLI 14, AfriXNLI 16, "
-            "AmericasNLI 10, IndoNLI ind, Myanmar-XNLI mya), a subset YAML or name (uriel_20), 'all' (the 65 "
+            "AmericasNLI 10, IndoNLI ind, Myanmar-XNLI mya; with --task sib200 the companion paper's 9: deu spa fas "
+            "fra hin jpn kaz kor rus), a subset YAML or name (uriel_20), 'all' (the 65 "
             "realignment languages) or a comma list of codes (yor,swa,quy). A language is evaluated on every source "
             "that has it; languages without data are skipped with a warning. English, the training language, is "
             "always evaluated in-language. Metrics are named eval_{source}_{language}_accuracy (e.g. "
@@ -163,7 +203,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "A comma list restricting evaluation to some sources: xnli, afrixnli, americasnli, indonli, "
-            "myxnli. Default: all of them."
+            "myxnli (--task sib200: sib200). Default: all of them."
         },
     )
     data_dir: str | None = field(
@@ -176,7 +216,9 @@ class DataArguments:
             "or DIR/indonli/indonli/test_expert/0000.parquet (a parquet-branch folder). Formats: .parquet, .jsonl, "
             ".json or .tsv (header line) with the Hub's columns (premise, hypothesis, label; Myanmar-XNLI: "
             "sentence1_my, sentence2_my, label); labels as ClassLabel ids, names (entailment, neutral, "
-            "contradiction; case-insensitive) or integers 0/1/2 in that order."
+            "contradiction; case-insensitive) or integers 0/1/2 in that order. SIB-200: DIR/sib200/<config>/<split>.tsv "
+            "(e.g. DIR/sib200/eng_Latn/train.tsv, DIR/sib200/yor_Latn/test.tsv) with the Hub's columns index_id, "
+            "category, text."
         },
     )
     dataset_revisions: str | None = field(
@@ -219,15 +261,18 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}.")
+        sources = TASKS[self.task].sources
         if self.eval_sources is not None:
-            unknown = sorted(set(self.eval_source_list) - set(SOURCES))
+            unknown = sorted(set(self.eval_source_list) - set(sources))
             if unknown or not self.eval_source_list:
                 raise ValueError(
-                    f"--eval_sources {self.eval_sources!r}: unknown source(s) {unknown}; the NLI sources are "
-                    f"{', '.join(SOURCES)}."
+                    f"--eval_sources {self.eval_sources!r}: unknown source(s) {unknown}; the {self.task.upper()} "
+                    f"sources are {', '.join(sources)}."
                 )
-        self.revisions = {name: s.revision for name, s in SOURCES.items() if s.revision}
-        self.revisions.update(parse_revisions(self.dataset_revisions, list(SOURCES)))
+        self.revisions = {name: s.revision for name, s in sources.items() if s.revision}
+        self.revisions.update(parse_revisions(self.dataset_revisions, list(sources)))
         for name in ("max_seq_length", "eval_max_seq_length"):
             value = getattr(self, name)
             if value is not None and value < 3:
@@ -239,24 +284,32 @@ class DataArguments:
     def eval_source_list(self) -> list[str]:
         return [s.strip() for s in (self.eval_sources or "").split(",") if s.strip()]
 
+    @property
+    def task_spec(self) -> Task:
+        return TASKS[self.task]
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def paper_languages(source: str) -> list[str]:
+def paper_languages(source: str, task: Task | None = None) -> list[str]:
     """The languages the paper evaluates on `source` (English excluded: it is the training language)."""
     excluded = {ENGLISH, *NOT_IN_PAPER.get(source, ())}
-    return [code for code in eval_configs(source) if code not in excluded]
+    listed = (task or TASKS["nli"]).paper.get(source)
+    configs = eval_configs(source)
+    return [code for code in (listed or configs) if code not in excluded and code in configs]
 
 
 def resolve_targets(data_args: DataArguments, seed: int) -> list[EvalTarget]:
-    """English (in-language XNLI) first, then every requested (source, language)."""
-    english = EvalTarget(TRAIN_SOURCE, ENGLISH, eval_configs(TRAIN_SOURCE)[ENGLISH])
-    wanted = [n for n in SOURCES if n in data_args.eval_source_list] if data_args.eval_sources else list(SOURCES)
+    """English (in-language, on the training source) first, then every requested (source, language)."""
+    task = data_args.task_spec
+    english = EvalTarget(task.train_source, ENGLISH, eval_configs(task.train_source)[ENGLISH])
+    sources = task.sources
+    wanted = [n for n in sources if n in data_args.eval_source_list] if data_args.eval_sources else list(sources)
     available = {n: eval_configs(n) for n in wanted}
-    paper = {n: paper_languages(n) for n in wanted}
+    paper = {n: paper_languages(n, task) for n in wanted}
     targets = [english]
     for target in resolve_eval_languages(data_args.eval_languages, available, paper, seed):
         if target not in targets:
@@ -268,7 +321,11 @@ def resolve_targets(data_args: DataArguments, seed: int) -> list[EvalTarget]:
 
 
 def load_split(source: NLISource, config: str, split: str, data_args, cache_dir) -> tuple[datasets.Dataset, str]:
-    """One split of one source, from --data_dir or the Hub (never one for the other), and where it came from."""
+    """One split of one source, from --data_dir or the Hub (never one for the other), and where it came from.
+
+    Text columns are renamed to the task's (premise/hypothesis for NLI, text for SIB-200) and the label column to
+    `label`.
+    """
     if data_args.data_dir is not None:
         path = find_local_split(data_args.data_dir, source.name, config, split, (*LOCAL_TABLE_EXTENSIONS, ".tsv"))
         dataset, origin = read_local_table(path, cache_dir), str(path)
@@ -279,18 +336,22 @@ def load_split(source: NLISource, config: str, split: str, data_args, cache_dir)
         )
         origin = f"{source.hub_id} {config}/{split}"
     require_columns(
-        dataset, (*source.text_columns, "label"), origin,
-        f"{source.name} data needs the columns of {source.hub_id}: {', '.join(source.text_columns)} and label.",
+        dataset, (*source.text_columns, source.label_column), origin,
+        f"{source.name} data needs the columns of {source.hub_id}: {', '.join(source.text_columns)} and "
+        f"{source.label_column}.",
     )
     if len(dataset) == 0:
         raise ValueError(f"{origin} holds no examples.")
-    dataset = dataset.rename_columns(dict(zip(source.text_columns, ("premise", "hypothesis"))))
-    dataset = dataset.select_columns(["premise", "hypothesis", "label"])
-    empty = {c: dataset.data.column(c).null_count for c in ("premise", "hypothesis")}
+    columns = ("premise", "hypothesis") if len(source.text_columns) == 2 else ("text",)
+    dataset = dataset.select_columns([*source.text_columns, source.label_column])
+    dataset = dataset.rename_columns(
+        {old: new for old, new in zip((*source.text_columns, source.label_column), (*columns, "label")) if old != new}
+    )
+    empty = {c: dataset.data.column(c).null_count for c in columns}
     if any(empty.values()):
         logger.warning("%s: %s null text value(s), read as empty strings.", origin, empty)
         dataset = dataset.map(
-            lambda batch: {c: [text or "" for text in batch[c]] for c in ("premise", "hypothesis")},
+            lambda batch: {c: [text or "" for text in batch[c]] for c in columns},
             batched=True, desc=f"Filling null texts of {origin}",
         )
     return dataset, origin
@@ -302,28 +363,34 @@ def normalize_label_name(name: str) -> str:
 
 
 def load_training_data(data_args: DataArguments, model_args: ModelArguments, do_train: bool):
-    """The English training pairs (None when not training) and the label list, in the training data's order."""
-    source = SOURCES[TRAIN_SOURCE]
-    config = eval_configs(TRAIN_SOURCE)[ENGLISH]
+    """The English training examples (None when not training) and the label list, in the training data's order
+    (NLI: XNLI's ClassLabel order; SIB-200: the fixed `SIB200_LABELS` order, its labels being strings)."""
+    task = data_args.task_spec
+    source = task.sources[task.train_source]
+    config = eval_configs(task.train_source)[ENGLISH]
     dataset, origin = load_split(source, config, "train" if do_train else source.split, data_args, model_args.cache_dir)
-    label_list = class_label_names(dataset.features["label"]) or list(NLI_LABELS)
+    if task.name == "nli":
+        label_list = class_label_names(dataset.features["label"]) or list(NLI_LABELS)
+    else:
+        label_list = list(task.labels)
     logger.info("Labels from %s: %s", origin, label_list)
     if not do_train:
         return None, label_list
-    dataset = labels_to_training_ids(dataset, "label", label_list, origin=origin, declared_names=NLI_LABELS,
+    dataset = labels_to_training_ids(dataset, "label", label_list, origin=origin, declared_names=task.labels,
                                      normalize=normalize_label_name)
     if data_args.max_train_samples is not None:
         dataset = dataset.select(range(min(len(dataset), data_args.max_train_samples)))
-    return EvalSet(TRAIN_SOURCE, ENGLISH, dataset, origin), label_list
+    return EvalSet(task.train_source, ENGLISH, dataset, origin), label_list
 
 
 def load_eval_data(targets, label_list, data_args: DataArguments, model_args: ModelArguments) -> list[EvalSet]:
     """The raw evaluation pairs of every target, labels rewritten as training label ids (matched by name)."""
     eval_sets = []
+    task = data_args.task_spec
     for target in targets:
-        source = SOURCES[target.source]
+        source = task.sources[target.source]
         dataset, origin = load_split(source, target.config, source.split, data_args, model_args.cache_dir)
-        dataset = labels_to_training_ids(dataset, "label", label_list, origin=origin, declared_names=NLI_LABELS,
+        dataset = labels_to_training_ids(dataset, "label", label_list, origin=origin, declared_names=task.labels,
                                          normalize=normalize_label_name)
         if data_args.max_eval_samples is not None:
             dataset = dataset.select(range(min(len(dataset), data_args.max_eval_samples)))
@@ -332,8 +399,11 @@ def load_eval_data(targets, label_list, data_args: DataArguments, model_args: Mo
 
 
 def tokenize_pairs(examples, tokenizer, max_length: int) -> dict[str, Any]:
-    """Tokenise premise/hypothesis pairs (the longer side is cut first) and keep the label ids."""
-    tokenized = tokenizer(examples["premise"], examples["hypothesis"], truncation=True, max_length=max_length)
+    """Tokenise premise/hypothesis pairs (the longer side is cut first), or single texts, and keep the label ids."""
+    if "text" in examples:
+        tokenized = tokenizer(examples["text"], truncation=True, max_length=max_length)
+    else:
+        tokenized = tokenizer(examples["premise"], examples["hypothesis"], truncation=True, max_length=max_length)
     tokenized["labels"] = examples["label"]
     return tokenized
 
@@ -356,7 +426,7 @@ def tokenize_set(eval_set: EvalSet, tokenizer, max_length: int, data_args: DataA
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer_and_model(model_args: ModelArguments, label_list: list[str]):
+def load_tokenizer_and_model(model_args: ModelArguments, label_list: list[str], task: str = "nli"):
     config = AutoConfig.from_pretrained(
         model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
         trust_remote_code=model_args.trust_remote_code,
@@ -365,7 +435,7 @@ def load_tokenizer_and_model(model_args: ModelArguments, label_list: list[str]):
     config.num_labels = len(label_list)
     config.id2label = dict(enumerate(label_list))
     config.label2id = {label: i for i, label in enumerate(label_list)}
-    config.finetuning_task = "xnli"
+    config.finetuning_task = "xnli" if task == "nli" else task
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir,
         revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
@@ -413,7 +483,7 @@ def run_settings(model_args, data_args, training_args) -> dict[str, Any]:
     return {
         "model_name_or_path": model_args.model_name_or_path,
         "finetune_mode": model_args.finetune_mode,
-        "data.task": "nli",
+        "data.task": data_args.task,
         **{f"data.{k}": v for k, v in asdict_public(data_args).items() if k in data_keys},
         **{f"training.{k}": getattr(training_args, k) for k in FINETUNE_TRAINING_KEYS},
     }
@@ -422,14 +492,14 @@ def run_settings(model_args, data_args, training_args) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_xnli_args(argv)
     setup_logging(training_args)
-    logger.info("NLI: %s; model %s", data_args, model_args)
+    logger.info("%s: %s; model %s", data_args.task.upper(), data_args, model_args)
     set_seed(training_args.seed)
 
     targets = resolve_targets(data_args, training_args.seed)
     with training_args.main_process_first(desc="reading the datasets"):
         raw_train, label_list = load_training_data(data_args, model_args, training_args.do_train)
         raw_evals = load_eval_data(targets, label_list, data_args, model_args) if training_args.do_eval else []
-    tokenizer, model = load_tokenizer_and_model(model_args, label_list)
+    tokenizer, model = load_tokenizer_and_model(model_args, label_list, data_args.task)
     eval_length = data_args.eval_max_seq_length or data_args.max_seq_length
     with training_args.main_process_first(desc="tokenising the datasets"):
         train_set = tokenize_set(raw_train, tokenizer, data_args.max_seq_length, data_args) if raw_train else None
@@ -464,14 +534,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics.update(eval_metrics)
         if trainer.is_world_process_zero() and data_args.results_file.lower() not in ("", "none"):
             append_downstream_results(
-                data_args.results_file, entries, METRICS, task="nli", model_name_or_path=model_args.model_name_or_path,
+                data_args.results_file, entries, METRICS, task=data_args.task,
+                model_name_or_path=model_args.model_name_or_path,
                 seed=training_args.seed, run_dir=training_args.output_dir,
             )
     if training_args.do_train:
         write_downstream_model_card(
             trainer, finetuned_from=model_args.model_name_or_path, task_tag="text-classification",
-            dataset_ids=[s.hub_id for s in SOURCES.values()], languages=[t.language for t in targets],
-            tags=["nli", f"finetune-{model_args.finetune_mode}"], metrics=metrics,
+            dataset_ids=[s.hub_id for s in data_args.task_spec.sources.values()],
+            languages=[t.language for t in targets], tags=[data_args.task, f"finetune-{model_args.finetune_mode}"],
+            metrics=metrics,
         )
     return metrics
 

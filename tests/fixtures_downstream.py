@@ -271,3 +271,36 @@ def downstream_dir_for_session(tmp_path_factory) -> Path:
     if "root" not in _BUILT:
         _BUILT["root"] = build_downstream_dir(tmp_path_factory.mktemp("downstream"))
     return _BUILT["root"]
+
+
+# -- SIB-200 (Davlan/sib200): TSV per config and split, columns index_id, category (a topic STRING), text -------------
+
+# The seven topics as the dataset card lists them, written out here rather than imported from the script under test.
+SIB200_CATEGORIES = ["science/technology", "travel", "politics", "sports", "health", "entertainment", "geography"]
+
+
+def sib200_rows(code: str, n: int, offset: int = 0) -> list[dict]:
+    """n SIB-200 rows: FLORES-style index ids shared across languages (the same sentence has the same id everywhere)."""
+    return [
+        {"index_id": str(1000 + offset + i), "category": SIB200_CATEGORIES[(offset + i) % len(SIB200_CATEGORIES)],
+         "text": text}
+        for i, text in enumerate(texts(code, n, offset))
+    ]
+
+
+def write_sib200(root: Path, config: str, split: str, rows: list[dict]) -> Path:
+    path = Path(root) / "sib200" / config / f"{split}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["index_id\tcategory\ttext"] + [f"{r['index_id']}\t{r['category']}\t{r['text']}" for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def build_sib200_dir(root: Path, per_language: int = 7, train: int = 28) -> Path:
+    """Every registered SIB-200 config's test split, and English train / validation / test (a --data_dir)."""
+    root = Path(root)
+    for code, config in registry_configs("sib200").items():
+        write_sib200(root, config, "test", sib200_rows(code, per_language))
+    write_sib200(root, "eng_Latn", "train", sib200_rows("eng", train, offset=3))
+    write_sib200(root, "eng_Latn", "validation", sib200_rows("eng", per_language, offset=1))
+    return root
