@@ -109,10 +109,12 @@ def tokenized_pairs(model_dir: Path, src: list[str], tgt: list[str], max_length:
 
 
 def bare_encoder(model_dir: Path, dataset: datasets.Dataset, batch: int, steps: int) -> list[float]:
-    """(a) forward + backward of both sides in one (2N, L) batch and an AdamW step: nothing else."""
+    """(a) forward + backward of both sides in one (2N, L) batch and a fused AdamW step: nothing else."""
     model = BertModel.from_pretrained(model_dir).train()
     model.pooler.requires_grad_(False)  # as RealignTrainer does: the pooler gets no gradient
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.0)
+    # The Trainer's default optimizer (adamw_torch_fused), so that (a) and (b)/(c) differ only in what surrounds it.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0, fused=True)
     collator = run_realign.PairCollator(pad_token_id=0)
     batches = [collator([dataset[i] for i in range(s * batch, (s + 1) * batch)]) for s in range(steps)]
     times = []
