@@ -1699,7 +1699,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.should_save:
         write_realign_config(trainer, settings, subset_info, pair_stats, train_metrics, eval_metrics)
         write_model_card(trainer, settings, subset_info, eval_metrics)
+    end_distributed()
     return {**train_metrics, **eval_metrics}
+
+
+def end_distributed() -> None:
+    """Wait for every process, then tear the process group down before the interpreter exits.
+
+    Left to interpreter shutdown, a process whose communication threads are still alive can abort ("terminate called
+    without an active exception"), as seen with DeepSpeed's shared-memory backend on CPU.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
