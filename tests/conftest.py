@@ -161,3 +161,25 @@ def udhr_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("udhr")
     prepare_udhr.prepare("pool", out, UDHR_CACHE)
     return out
+
+
+# -- shared by the downstream test modules -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def downstream_dir(tmp_path_factory) -> Path:
+    """Schema-faithful fixture files for every downstream source, built once per session."""
+    from fixtures_downstream import downstream_dir_for_session
+
+    return downstream_dir_for_session(tmp_path_factory)

@@ -17,7 +17,6 @@ from fixtures_downstream import (
     MASAKHAPOS_TAGS,
     UDPOS_TAGS,
     WIKIANN_TAGS,
-    downstream_dir_for_session,
     registry_configs,
     texts,
     words,
@@ -45,18 +44,7 @@ def paper_codes(task: str) -> dict[str, list[str]]:
             "masakhaner": list(registry_configs("masakhaner"))}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def downstream_dir(tmp_path_factory) -> Path:
-    return downstream_dir_for_session(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ import torch
 from fixtures_downstream import (
     MYXNLI_STRINGS,
     NLI_LABELS,
-    downstream_dir_for_session,
     nli_rows,
     registry_configs,
     write_afrixnli,
@@ -44,18 +43,7 @@ PAPER = {
 }
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def downstream_dir(tmp_path_factory) -> Path:
-    return downstream_dir_for_session(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="session")

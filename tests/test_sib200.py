@@ -18,12 +18,7 @@ import run_xnli
 PAPER_SIB200 = ["deu", "spa", "fas", "fra", "hin", "jpn", "kaz", "kor", "rus"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")
