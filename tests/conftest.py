@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "fixtures"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -78,13 +79,11 @@ def parallel_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _build_bert(folder: Path) -> Path:
-    from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    trainer_tok = BertWordPieceTokenizer(lowercase=False, strip_accents=False)
-    trainer_tok.train_from_iterator(_corpus_lines(), vocab_size=600, min_frequency=1)
-    vocab = trainer_tok.get_vocab()
-    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=False, strip_accents=False)
+    vocab = (DATA / "tiny_bert_vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    tokenizer = BertTokenizer(vocab={token: index for index, token in enumerate(vocab)}, do_lower_case=False,
+                              strip_accents=False)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=128,
@@ -98,15 +97,10 @@ def _build_bert(folder: Path) -> Path:
 
 
 def _build_xlmr(folder: Path) -> Path:
-    from tokenizers import SentencePieceUnigramTokenizer
     from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizer
 
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
-    spm = SentencePieceUnigramTokenizer()
-    spm.train_from_iterator(_corpus_lines(), vocab_size=500, special_tokens=specials, unk_token="<unk>")
-    pieces = [(piece, score) for piece, score in spm.get_vocab_with_scores()] if hasattr(
-        spm, "get_vocab_with_scores"
-    ) else _unigram_pieces(spm)
+    pieces = [(piece, score) for piece, score in json.loads((DATA / "tiny_xlmr_unigram.json").read_text("utf-8"))]
     pieces = [p for p in pieces if p[0] not in specials and p[0] != "<mask>"]
     if not any(p == "▁" for p, _ in pieces):
         pieces.append(("▁", -5.0))  # XLM-R's vocabulary has a stand-alone "▁"; the reference-compat switch needs it
@@ -124,9 +118,25 @@ def _build_xlmr(folder: Path) -> Path:
     return folder
 
 
-def _unigram_pieces(spm) -> list[tuple[str, float]]:
-    model = json.loads(spm.to_str())["model"]
-    return [(piece, float(score)) for piece, score in model["vocab"]]
+def write_tokenizer_vocabularies() -> None:
+    """Train the tiny tokenizers' vocabularies on the fixture corpus and write them to tests/fixtures/.
+
+    The tests read the written files rather than training in the session: the `tokenizers` trainers break ties
+    differently from run to run (one run in eight split "child" as ch ##ild instead of ch ##il ##d), which made the
+    tests that check sub-word pieces flaky. Run `python tests/conftest.py` to rebuild them.
+    """
+    from tokenizers import BertWordPieceTokenizer, SentencePieceUnigramTokenizer
+
+    wordpiece = BertWordPieceTokenizer(lowercase=False, strip_accents=False)
+    wordpiece.train_from_iterator(_corpus_lines(), vocab_size=600, min_frequency=1)
+    by_index = sorted(wordpiece.get_vocab().items(), key=lambda item: item[1])
+    (DATA / "tiny_bert_vocab.txt").write_text("".join(f"{token}\n" for token, _ in by_index), encoding="utf-8")
+    unigram = SentencePieceUnigramTokenizer()
+    unigram.train_from_iterator(_corpus_lines(), vocab_size=500, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                unk_token="<unk>")
+    pieces = json.loads(unigram.to_str())["model"]["vocab"]
+    lines = ",\n".join(json.dumps(piece, ensure_ascii=False) for piece in pieces)
+    (DATA / "tiny_xlmr_unigram.json").write_text(f"[\n{lines}\n]\n", encoding="utf-8")
 
 
 @pytest.fixture(scope="session")
@@ -183,3 +193,7 @@ def downstream_dir(tmp_path_factory) -> Path:
     from fixtures_downstream import downstream_dir_for_session
 
     return downstream_dir_for_session(tmp_path_factory)
+
+
+if __name__ == "__main__":
+    write_tokenizer_vocabularies()
