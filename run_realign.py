@@ -435,7 +435,8 @@ def contrastive_alignment_loss(
         stats = {
             "retrieval_acc": (logits.argmax(dim=1) == positive_index).float().mean(),
             "positive_cosine": cosines[rows, positive_index].float().mean(),
-            "negative_cosine": cosines[negative_mask].float().mean(),
+            # A masked mean rather than cosines[negative_mask]: boolean indexing would make the GPU wait every step.
+            "negative_cosine": (cosines.float() * negative_mask).sum() / negative_mask.sum(),
         }
     return loss, stats
 
@@ -1119,10 +1120,10 @@ class PairCollator:
         width = int(lengths.max())
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        attention_mask = np.arange(width)[None, :] < lengths[:, None]  # (2N, L)
         input_ids = np.full((len(sequences), width), self.pad_token_id, dtype=np.int64)
-        for row, seq in enumerate(sequences):
-            input_ids[row, : len(seq)] = seq
-        attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        input_ids[attention_mask] = np.concatenate(sequences)  # row-major: each row's tokens land left-aligned
+        attention_mask = attention_mask.astype(np.int64)
         n_words = [f["src_n_words"] for f in features] + [f["tgt_n_words"] for f in features]
         return {
             "input_ids": torch.from_numpy(input_ids),
@@ -1155,15 +1156,14 @@ class RealignCollator(PairCollator):
             width = int(lengths.max())
             if self.pad_to_multiple_of:
                 width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            mask = np.arange(width)[None, :] < lengths[:, None]  # (N, Lp)
             input_ids = np.full((len(sequences), width), self.pad_token_id, dtype=np.int64)
-            token_types = np.zeros((len(sequences), width), dtype=np.int64)
-            for row, feature in enumerate(features):
-                input_ids[row, : lengths[row]] = feature["pair_input_ids"]
-                if "pair_token_type_ids" in feature:
-                    token_types[row, : lengths[row]] = feature["pair_token_type_ids"]
+            input_ids[mask] = np.concatenate(sequences)
             batch["pair_input_ids"] = torch.from_numpy(input_ids)
-            batch["pair_attention_mask"] = torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.int64))
+            batch["pair_attention_mask"] = torch.from_numpy(mask.astype(np.int64))
             if "pair_token_type_ids" in features[0]:
+                token_types = np.zeros((len(sequences), width), dtype=np.int64)
+                token_types[mask] = np.concatenate([f["pair_token_type_ids"] for f in features])
                 batch["pair_token_type_ids"] = torch.from_numpy(token_types)
         return batch
 
@@ -1271,7 +1271,11 @@ class RealignTrainer(Trainer):
         self.sampling_probs = sampling_probs
         tokenizer = self.processing_class
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-        self._train_stats: dict[str, list[float]] = defaultdict(list)
+        # Statistics stay detached tensors until logging: an .item() per step would make the GPU wait every step.
+        self._train_stats: dict[str, list[torch.Tensor | float]] = defaultdict(list)
+        self._unwrapped: tuple[Any, Any] = (None, None)
+        self._special_ids_by_device: dict[torch.device, torch.Tensor] = {}
+        self._non_embedding_params: int | None = None
         self._final_save = False
         self.loss_weights = realign_args.weights
         if self.loss_weights["word"] or self.loss_weights["mlm"]:
@@ -1283,13 +1287,35 @@ class RealignTrainer(Trainer):
             self.vocab_size = vocab_size
             self.mask_token_id = tokenizer.mask_token_id
 
+    # -- per-step helpers -------------------------------------------------------------------------------------------
+
+    def unwrapped(self, model):
+        """`accelerator.unwrap_model(model)`, looked up once per wrapper: accelerate checks the installed packages on
+        every call, which cost more than the tiny model's whole loss."""
+        if self._unwrapped[0] is not model:
+            self._unwrapped = (model, self.accelerator.unwrap_model(model))
+        return self._unwrapped[1]
+
+    def special_ids_on(self, device: torch.device) -> torch.Tensor:
+        """The special token ids on `device`, copied there once rather than every step."""
+        if device not in self._special_ids_by_device:
+            self._special_ids_by_device[device] = self.special_ids.to(device)
+        return self._special_ids_by_device[device]
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The Trainer's estimate, 6 × tokens × non-embedding parameters, with the parameter count taken once rather
+        than by walking every module each step."""
+        if self._non_embedding_params is None:
+            self._non_embedding_params = self.unwrapped(self.model).num_parameters(exclude_embeddings=True)
+        return 6 * inputs["input_ids"].numel() * self._non_embedding_params
+
     # -- representations --------------------------------------------------------------------------------------------
 
     def pool(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_words: torch.Tensor) -> torch.Tensor:
         """Sentence vectors (B, d) from the configured layer and pooling."""
         hidden = layer_hidden_states(model, self.realign_args.realign_layer, input_ids, attention_mask)  # (B, L, d)
         if self.realign_args.pooling == "mean":
-            mask = content_token_mask(input_ids, attention_mask, self.special_ids.to(input_ids.device))
+            mask = content_token_mask(input_ids, attention_mask, self.special_ids_on(input_ids.device))
         else:
             # Reference code: the first n_words positions, [CLS]/<s> included, whatever tokens they hold.
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]  # (1, L)
@@ -1313,7 +1339,7 @@ class RealignTrainer(Trainer):
         loss = sum(term if weights[name] == 1 else weights[name] * term for name, term in terms.items())
         if model.training:
             for name, term in terms.items():
-                self._train_stats[f"loss_{name}"].append(term.item())
+                self._train_stats[f"loss_{name}"].append(term.detach())
         return (loss, {}) if return_outputs else loss
 
     def word_alignment_loss(self, model, inputs) -> torch.Tensor:
@@ -1322,7 +1348,7 @@ class RealignTrainer(Trainer):
         hidden = layer_hidden_states(model, self.realign_args.realign_layer, inputs["input_ids"], inputs["attention_mask"])
         n_pairs = inputs["input_ids"].shape[0] // 2
         src, tgt = word_pair_vectors(hidden, inputs["word_spans"], n_pairs, self.realign_args.word_pooling)  # (P, d)
-        projection = getattr(self.accelerator.unwrap_model(model), "realign_projection", None)
+        projection = getattr(self.unwrapped(model), "realign_projection", None)
         if projection is not None:
             src, tgt = projection(src), projection(tgt)  # (P, 128) each
         if len(src) == 0:
@@ -1331,7 +1357,7 @@ class RealignTrainer(Trainer):
         loss, stats = contrastive_alignment_loss(src, tgt, self.realign_args.temperature)
         if model.training:
             for name, value in stats.items():
-                self._train_stats[name].append(value.item())
+                self._train_stats[name].append(value)
             self._train_stats["aligned_words"].append(len(src))
             self._train_stats["negatives_per_query"].append(2 * len(src) - 2)
         return loss
@@ -1342,7 +1368,7 @@ class RealignTrainer(Trainer):
         hidden = layer_hidden_states(
             model, self.realign_args.realign_layer, inputs["pair_input_ids"], inputs["pair_attention_mask"], **extra
         )  # (N, Lp, d)
-        embeddings = self.accelerator.unwrap_model(model).get_input_embeddings().weight  # (V, d)
+        embeddings = self.unwrapped(model).get_input_embeddings().weight  # (V, d)
         candidates = self.candidate_ids.to(hidden.device)
         pair_ids = inputs["pair_input_ids"].masked_fill(inputs["pair_attention_mask"] == 0, -1)  # padding: no bag item
         loss, stats = word_bag_loss(
@@ -1350,21 +1376,21 @@ class RealignTrainer(Trainer):
         )
         if model.training:
             for name, value in stats.items():
-                self._train_stats[name].append(value.item())
+                self._train_stats[name].append(value)
         return loss
 
     def mlm_loss(self, model, inputs) -> torch.Tensor:
         """`masked_lm_loss` on both sides of the pairs."""
-        head = self.accelerator.unwrap_model(model).realign_mlm_head
+        head = self.unwrapped(model).realign_mlm_head
         return masked_lm_loss(
-            model, head, inputs["input_ids"], inputs["attention_mask"], self.special_ids.to(inputs["input_ids"].device),
+            model, head, inputs["input_ids"], inputs["attention_mask"], self.special_ids_on(inputs["input_ids"].device),
             self.mask_token_id, self.vocab_size, self.realign_args.mlm_probability,
         )
 
     def sentence_alignment_loss(self, model, inputs, return_outputs: bool = False):
         """The paper's loss: `contrastive_alignment_loss` over the pooled sentences of the batch."""
         pooled = self.pool(model, inputs["input_ids"], inputs["attention_mask"], inputs["n_words"])  # (2N, d)
-        projection = getattr(self.accelerator.unwrap_model(model), "realign_projection", None)
+        projection = getattr(self.unwrapped(model), "realign_projection", None)
         if projection is not None:
             pooled = projection(pooled)  # (2N, 128)
         src, tgt = pooled.chunk(2)  # (N, d) each
@@ -1381,7 +1407,7 @@ class RealignTrainer(Trainer):
         loss, stats = contrastive_alignment_loss(src, tgt, self.realign_args.temperature, **gathered)
         if model.training:
             for name, value in stats.items():
-                self._train_stats[name].append(value.item())
+                self._train_stats[name].append(value)
             pairs = len(gathered["all_src_embeddings"]) if gathered else len(src)
             self._train_stats["negatives_per_query"].append(2 * pairs - 2)
         return (loss, {"pooled": pooled}) if return_outputs else loss
@@ -1389,7 +1415,8 @@ class RealignTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._train_stats:
             for name, values in self._train_stats.items():
-                logs[f"train_{name}"] = round(float(np.mean(values)), 4)
+                mean = torch.stack(values).float().mean().item() if torch.is_tensor(values[0]) else np.mean(values)
+                logs[f"train_{name}"] = round(float(mean), 4)
             self._train_stats.clear()
         super().log(logs, start_time)
 

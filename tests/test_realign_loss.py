@@ -40,8 +40,14 @@ def test_loss_orthogonal_pairs_by_hand():
 def test_loss_matches_row_by_row_formula(temperature):
     rng = np.random.default_rng(0)
     src, tgt = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
-    loss, _ = contrastive_alignment_loss(torch.tensor(src), torch.tensor(tgt), temperature=temperature)
+    loss, stats = contrastive_alignment_loss(torch.tensor(src), torch.tensor(tgt), temperature=temperature)
     assert loss.item() == pytest.approx(reference_loss(src, tgt, temperature), rel=1e-6)
+    z = np.concatenate([src, tgt]) / np.linalg.norm(np.concatenate([src, tgt]), axis=1, keepdims=True)
+    cos = z @ z.T
+    positives = [cos[i, (i + 3) % 6] for i in range(6)]
+    negatives = [cos[i, j] for i in range(6) for j in range(6) if j not in (i, (i + 3) % 6)]
+    assert stats["positive_cosine"].item() == pytest.approx(np.mean(positives), rel=1e-6)
+    assert stats["negative_cosine"].item() == pytest.approx(np.mean(negatives), rel=1e-6)
 
 
 def test_temperature_sharpens():
@@ -172,6 +178,9 @@ def test_reference_prefix_pooling_on_crafted_input(tiny_xlmr):
 
     class Stub:
         processing_class = tokenizer
+
+        def special_ids_on(self, device):
+            return self.special_ids
 
     for pooling, expected in (("reference_prefix", hidden[:5].mean(0)), ("mean", hidden[1:-1].mean(0))):
         trainer = Stub()
