@@ -36,12 +36,14 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import regex
 import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import languages as lang_registry
 from realign_utils import (
@@ -158,7 +160,8 @@ class DataArguments:
         default="uniform",
         metadata={
             "help": "How to pick the language of each training pair: 'uniform' over languages whatever their corpus "
-            "size (the paper), 'proportional' to corpus size, or 'temperature' (size ** (1 / --sampling_temperature))."
+            "size (the paper), 'proportional' to corpus size, or 'temperature' (size ** (1 / --sampling_temperature)). "
+            "--train_sampling_strategy group_by_length then batches the drawn pairs by length (less padding)."
         },
     )
     sampling_temperature: float = field(
@@ -1062,13 +1065,28 @@ class LanguageMixingSampler(torch.utils.data.Sampler):
     Within a language, pairs come in the order of a fresh permutation of the whole corpus, reshuffled when used up,
     so small corpora are repeated and large ones are read beyond their head. The stream depends only on the seed
     and the epoch, which is what lets the Trainer resume mid-epoch by skipping batches.
+
+    With `lengths` (--train_sampling_strategy group_by_length), the drawn stream is then reordered as transformers'
+    `LengthGroupedSampler` orders a dataset: shuffled, cut into mega-batches of 50 batches, each sorted by length, so
+    that a batch holds pairs of similar length and pads less. How often each language is drawn does not change, but a
+    batch then tends to hold languages whose sentences tokenise to similar lengths, which changes its negatives.
     """
 
-    def __init__(self, lang_ids: np.ndarray, probabilities: np.ndarray, num_samples: int, seed: int):
+    def __init__(
+        self,
+        lang_ids: np.ndarray,
+        probabilities: np.ndarray,
+        num_samples: int,
+        seed: int,
+        lengths: np.ndarray | None = None,
+        batch_size: int | None = None,
+    ):
         self.num_samples = num_samples
         self.probabilities = probabilities
         self.seed = seed
         self.epoch = 0
+        self.lengths = lengths
+        self.batch_size = batch_size
         order = np.argsort(lang_ids, kind="stable")
         boundaries = np.searchsorted(lang_ids[order], np.arange(len(probabilities) + 1))
         self.indices_by_language = [order[boundaries[k] : boundaries[k + 1]] for k in range(len(probabilities))]
@@ -1089,7 +1107,18 @@ class LanguageMixingSampler(torch.utils.data.Sampler):
                 continue
             repeats = math.ceil(len(positions) / len(indices))
             stream[positions] = np.concatenate([rng.permutation(indices) for _ in range(repeats)])[: len(positions)]
+        if self.lengths is not None:
+            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            stream = stream[get_length_grouped_indices(self.lengths[stream].tolist(), self.batch_size, generator=generator)]
         return iter(stream.tolist())
+
+
+def pair_lengths(dataset: datasets.Dataset) -> np.ndarray:
+    """Tokens of the longer side of each pair (what the pair pads its batch to), read from Arrow without decoding."""
+    table = dataset.with_format("arrow")
+    src = pc.list_value_length(table["src_input_ids"]).to_numpy()
+    tgt = pc.list_value_length(table["tgt_input_ids"]).to_numpy()
+    return np.maximum(src, tgt)
 
 
 def language_probabilities(sizes: np.ndarray, strategy: str, temperature: float) -> np.ndarray:
@@ -1433,7 +1462,13 @@ class RealignTrainer(Trainer):
             )
         else:
             num_samples = len(dataset)
-        return LanguageMixingSampler(lang_ids, self.sampling_probs, num_samples, self.args.seed)
+        grouped = {}
+        if self.args.train_sampling_strategy == "group_by_length":
+            grouped = {
+                "lengths": pair_lengths(dataset),
+                "batch_size": self.args.train_batch_size * self.args.gradient_accumulation_steps,  # as transformers does
+            }
+        return LanguageMixingSampler(lang_ids, self.sampling_probs, num_samples, self.args.seed, **grouped)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -1459,6 +1494,9 @@ class RealignTrainer(Trainer):
         metrics, averages = {}, []
         for lang_id in np.unique(lang_ids):
             subset = dataset.select(np.flatnonzero(lang_ids == lang_id))
+            # Longest pairs first, so batches pad little; both sides keep the same order, so row i still translates
+            # row i and precision@1 is unchanged.
+            subset = subset.select(np.argsort(-pair_lengths(subset), kind="stable"))
             src, tgt = [], []
             for start in range(0, len(subset), self.args.per_device_eval_batch_size):
                 batch = self.data_collator(list(subset.select(range(start, min(len(subset), start + self.args.per_device_eval_batch_size)))))
@@ -1554,6 +1592,12 @@ def parse_realign_args(argv: list[str] | None = None):
     model_args, data_args, realign_args, training_args = parse_args(
         (ModelArguments, DataArguments, RealignArguments, TrainingArguments), PAPER_TRAINING_DEFAULTS, argv
     )
+    if training_args.train_sampling_strategy not in ("random", "group_by_length"):
+        raise ValueError(
+            f"--train_sampling_strategy {training_args.train_sampling_strategy} is not available for realignment: "
+            "pairs are drawn language by language ('random', the default) and can then be grouped by length "
+            "('group_by_length')."
+        )
     # The src_*/tgt_* columns are not arguments of the model's forward, and the Trainer would otherwise drop them.
     training_args.remove_unused_columns = False
     if training_args.world_size > 1:
@@ -1577,6 +1621,7 @@ def run_settings(model_args, data_args, realign_args, training_args, codes, subs
     training_keys = (
         "seed", "max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "world_size",
         "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "bf16", "fp16",
+        "train_sampling_strategy",
     )
     return {
         "model_name_or_path": model_args.model_name_or_path,

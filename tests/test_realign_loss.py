@@ -150,6 +150,27 @@ def test_sampler_is_uniform_over_languages_and_shuffles_whole_corpora():
     assert list(sampler) != stream.tolist()
 
 
+def test_length_grouped_sampler_reorders_the_same_draws_into_batches_of_similar_length():
+    rng = np.random.default_rng(0)
+    lang_ids = np.repeat([0, 1, 2], 300)
+    lengths = rng.integers(5, 97, size=len(lang_ids))
+    probs = language_probabilities(np.array([300, 300, 300]), "uniform", 1.0)
+    plain = LanguageMixingSampler(lang_ids, probs, num_samples=3200, seed=3)
+    grouped = LanguageMixingSampler(lang_ids, probs, num_samples=3200, seed=3, lengths=lengths, batch_size=16)
+    stream, grouped_stream = np.array(list(plain)), np.array(list(grouped))
+    assert sorted(grouped_stream) == sorted(stream)  # the same pairs, languages drawn as often
+    assert list(grouped) == grouped_stream.tolist()  # deterministic for a seed and epoch: resumable
+
+    def padded_tokens(order):
+        batches = lengths[order].reshape(-1, 16)
+        return (batches.max(axis=1, keepdims=True) - batches).sum()
+
+    assert padded_tokens(grouped_stream) < 0.1 * padded_tokens(stream)
+    assert lengths[grouped_stream[0]] == lengths.max()  # the longest batch comes first: out-of-memory shows at once
+    grouped.set_epoch(1)
+    assert list(grouped) != grouped_stream.tolist()
+
+
 def test_language_probabilities():
     sizes = np.array([100, 400])
     assert language_probabilities(sizes, "proportional", 1.0).tolist() == pytest.approx([0.2, 0.8])

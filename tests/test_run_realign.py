@@ -153,6 +153,38 @@ def test_config_yaml_with_cli_override(tiny_bert, parallel_dirs, tmp_path):
         run_realign.main(["--config", str(bad), *realign_argv(tiny_bert, parallel_dirs, tmp_path / "o2")])
 
 
+def test_group_by_length_pads_less(tiny_bert, parallel_dirs, tmp_path, monkeypatch):
+    original = run_realign.PairCollator.__call__
+    padding = {}
+    for strategy in ("random", "group_by_length"):
+        masks = []
+
+        def recording(self, features, masks=masks):
+            batch = original(self, features)
+            masks.append(batch["attention_mask"])
+            return batch
+
+        monkeypatch.setattr(run_realign.PairCollator, "__call__", recording)
+        out = tmp_path / strategy
+        argv = realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "12", "--train_sampling_strategy", strategy)
+        held_out = argv.index("--eval_parallel_data_dir")
+        run_realign.main(argv[:held_out] + argv[held_out + 2 :])
+        assert len(masks) == 12
+        training = masks
+        padding[strategy] = 1 - sum(int(m.sum()) for m in training) / sum(m.numel() for m in training)
+        settings = json.loads((out / run_realign.SETTINGS_FILE).read_text())["settings"]
+        assert settings["training.train_sampling_strategy"] == strategy
+    # Not to zero: the two sides of a pair still differ in length (0.23 → 0.14 with this fixture).
+    assert padding["group_by_length"] < 0.75 * padding["random"], padding
+
+
+def test_unsupported_sampling_strategy_is_refused(tiny_bert, parallel_dirs, tmp_path):
+    with pytest.raises(ValueError, match="train_sampling_strategy sequential is not available"):
+        run_realign.main(realign_argv(tiny_bert, parallel_dirs, tmp_path / "out", "--train_sampling_strategy",
+                                      "sequential"))
+    assert not (tmp_path / "out").exists()
+
+
 # -- bad input: a clear error and no output --------------------------------------------------------------------------
 
 
