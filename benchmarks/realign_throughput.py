@@ -5,16 +5,22 @@ For each model (a tiny one and a 12-layer, hidden-768 one built from config with
 same pre-tokenised translation pairs, in one process:
 
   (a) bare encoder: forward + backward of both sides stacked into one batch, plus the same AdamW step (the floor);
+  (b0) the project's own per-step work in a plain loop: fetching and collating the pairs, RealignTrainer.compute_loss
+       (pooling and loss), backward and the same AdamW step, so b0/a is what the loss, pooling and collation cost;
   (b) run_realign's RealignTrainer training steps (pooling, loss, collation, Trainer bookkeeping included);
   (c) sentence-transformers' MultipleNegativesRankingLoss with its own trainer on the same texts and model;
 
-and prints samples/s (pairs/s), tokens/s, peak RSS and the ratios b/a and b/c. It also measures tokenisation +
-caching of parallel data (pairs/s) and evaluation throughput (examples/s) with and without length-sorted batches.
-The three training measurements are interleaved over --rounds rounds and the median is reported, so that load from
-other processes affects them alike.
+and prints samples/s (pairs/s), tokens/s, model TFLOP/s (and model FLOPs utilisation when the device's peak is
+known), peak memory, the ratios b0/a, b/a and b/c, and the time the paper's 24,544 steps would take at that speed.
+It also measures tokenisation + caching of parallel data (pairs/s), realignment on pairs of varied length with and
+without --train_sampling_strategy group_by_length, and evaluation throughput (examples/s) with and without
+length-sorted batches. The four training measurements are interleaved over --rounds (--base_rounds) rounds and the
+median is reported, so that load from other processes affects them alike; the ratios of the fastest steps are
+printed too, since such load can only slow a step down.
 
-    python benchmarks/realign_throughput.py                       # both models, a few minutes on 2 CPU cores
-    python benchmarks/realign_throughput.py --models tiny --rounds 5
+    python benchmarks/realign_throughput.py                       # both models, about 10 minutes on 2 CPU cores
+    python benchmarks/realign_throughput.py --models tiny --rounds 9
+    python benchmarks/realign_throughput.py --models base --device cuda --bf16 --base_steps 50 --batch 128
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ from transformers import (  # noqa: E402
 
 import run_realign  # noqa: E402
 
+PAPER_STEPS = run_realign.PAPER_TRAINING_DEFAULTS["max_steps"]
+# Dense bf16 peak of the accelerators this is likely to run on, in TFLOP/s (vendor datasheets, SXM parts).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
 MODELS = {
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
     # mBERT-sized: 12 layers, hidden 768, its 119,547-row vocabulary.
@@ -66,16 +76,25 @@ WORDS = (
 ).split()
 
 
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 class StepTimer(TrainerCallback):
     """Wall-clock time of each optimizer step, read after training."""
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
+        self.device = device
         self.times: list[float] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
+        synchronize(self.device)
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        synchronize(self.device)
         self.times.append(time.perf_counter() - self._start)
 
 
@@ -108,24 +127,34 @@ def tokenized_pairs(model_dir: Path, src: list[str], tgt: list[str], max_length:
     return tokenized.add_column("lang_id", [0] * len(tokenized))
 
 
-def bare_encoder(model_dir: Path, dataset: datasets.Dataset, batch: int, steps: int) -> list[float]:
+def bare_encoder(model_dir: Path, dataset: datasets.Dataset, batch: int, steps: int, opts) -> list[float]:
     """(a) forward + backward of both sides in one (2N, L) batch and a fused AdamW step: nothing else."""
-    model = BertModel.from_pretrained(model_dir).train()
+    model = BertModel.from_pretrained(model_dir).to(opts.device).train()
     model.pooler.requires_grad_(False)  # as RealignTrainer does: the pooler gets no gradient
     # The Trainer's default optimizer (adamw_torch_fused), so that (a) and (b)/(c) differ only in what surrounds it.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0, fused=True)
-    collator = run_realign.PairCollator(pad_token_id=0)
+    forward = torch.compile(model) if opts.compile else model
+    collator = run_realign.PairCollator(pad_token_id=0, pad_to_multiple_of=pad_multiple(opts))
     batches = [collator([dataset[i] for i in range(s * batch, (s + 1) * batch)]) for s in range(steps)]
     times = []
     for inputs in batches:
+        synchronize(opts.device)
         start = time.perf_counter()
-        hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        input_ids, attention_mask = inputs["input_ids"].to(opts.device), inputs["attention_mask"].to(opts.device)
+        with torch.autocast(opts.device, dtype=torch.bfloat16, enabled=opts.bf16):
+            hidden = forward(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden.float().mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(opts.device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def pad_multiple(opts) -> int | None:
+    """What run_realign pads to: a multiple of 8 on GPU (tensor cores), the longest sentence on CPU."""
+    return 8 if opts.device == "cuda" else None
 
 
 class SequentialRealignTrainer(run_realign.RealignTrainer):
@@ -135,33 +164,70 @@ class SequentialRealignTrainer(run_realign.RealignTrainer):
         return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
 
-def training_args(output_dir: str, batch: int, steps: int, **kwargs) -> dict:
+def training_args(output_dir: str, batch: int, steps: int, opts, **kwargs) -> dict:
     return dict(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=2e-5,
-        lr_scheduler_type="constant", weight_decay=0.0, use_cpu=True, report_to="none", save_strategy="no",
-        logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0, **kwargs,
+        lr_scheduler_type="constant", weight_decay=0.0, use_cpu=opts.device == "cpu", bf16=opts.bf16,
+        torch_compile=opts.compile, report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True,
+        dataloader_num_workers=0, **kwargs,
     )
 
 
-def realign_trainer(model_dir: Path, dataset: datasets.Dataset, batch: int, steps: int) -> list[float]:
+def realign_trainer(model_dir: Path, dataset: datasets.Dataset, batch: int, steps: int, opts,
+                    trainer_class=SequentialRealignTrainer, **args) -> list[float]:
     """(b) the project's training step."""
     from transformers import AutoTokenizer
 
     realign_args = run_realign.RealignArguments()
     model = run_realign.load_encoder(run_realign.ModelArguments(model_name_or_path=str(model_dir)), realign_args)
-    timer = StepTimer()
+    timer = StepTimer(opts.device)
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(**training_args(out, batch, steps, remove_unused_columns=False))
-        trainer = SequentialRealignTrainer(
+        args = TrainingArguments(**training_args(out, batch, steps, opts, remove_unused_columns=False, **args))
+        trainer = trainer_class(
             model=model, args=args, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model_dir),
-            data_collator=run_realign.PairCollator(0), realign_args=realign_args, language_codes=["fra"],
-            sampling_probs=np.ones(1), callbacks=[timer],
+            data_collator=run_realign.PairCollator(0, pad_multiple(opts)), realign_args=realign_args,
+            language_codes=["fra"], sampling_probs=np.ones(1), callbacks=[timer],
         )
         trainer.train()
     return timer.times
 
 
-def sentence_transformers_mnrl(model_dir: Path, src: list[str], tgt: list[str], batch: int, steps: int, max_length: int):
+def realign_loss_loop(model_dir: Path, dataset: datasets.Dataset, batch: int, steps: int, opts) -> list[float]:
+    """(b0) the project's own per-step work without the Trainer's loop: fetching and collating the pairs,
+    `RealignTrainer.compute_loss` (pooling and loss), backward and the same fused AdamW step as (a)."""
+    from transformers import AutoTokenizer
+
+    realign_args = run_realign.RealignArguments()
+    model = run_realign.load_encoder(run_realign.ModelArguments(model_name_or_path=str(model_dir)), realign_args)
+    model = model.to(opts.device).train()
+    collator = run_realign.PairCollator(0, pad_multiple(opts))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = run_realign.RealignTrainer(
+            model=model, args=TrainingArguments(**training_args(out, batch, steps, opts, remove_unused_columns=False)),
+            train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model_dir), data_collator=collator,
+            realign_args=realign_args, language_codes=["fra"], sampling_probs=np.ones(1),
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0, fused=True)
+    forward = torch.compile(model) if opts.compile else model
+    times = []
+    for step in range(steps):
+        synchronize(opts.device)
+        start = time.perf_counter()
+        features = dataset.__getitems__(list(range(step * batch, (step + 1) * batch)))
+        inputs = {k: v.to(opts.device) for k, v in collator(features).items()}
+        with torch.autocast(opts.device, dtype=torch.bfloat16, enabled=opts.bf16):
+            loss = trainer.compute_loss(forward, inputs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(opts.device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def sentence_transformers_mnrl(model_dir: Path, src: list[str], tgt: list[str], batch: int, steps: int, max_length: int,
+                               opts):
     """(c) sentence-transformers' trainer with MultipleNegativesRankingLoss on the same texts and model."""
     from sentence_transformers import (
         SentenceTransformer,
@@ -170,12 +236,12 @@ def sentence_transformers_mnrl(model_dir: Path, src: list[str], tgt: list[str], 
     )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    model = SentenceTransformer(str(model_dir), device="cpu")  # Transformer + mean pooling
+    model = SentenceTransformer(str(model_dir), device=opts.device)  # Transformer + mean pooling
     model.max_seq_length = max_length
     train = datasets.Dataset.from_dict({"anchor": src[: batch * steps], "positive": tgt[: batch * steps]})
-    timer = StepTimer()
+    timer = StepTimer(opts.device)
     with tempfile.TemporaryDirectory() as out:
-        args = SentenceTransformerTrainingArguments(**training_args(out, batch, steps))
+        args = SentenceTransformerTrainingArguments(**training_args(out, batch, steps, opts))
         trainer = SentenceTransformerTrainer(
             model=model, args=args, train_dataset=train, loss=MultipleNegativesRankingLoss(model), callbacks=[timer]
         )
@@ -190,6 +256,26 @@ def steady(times: list[float], warmup: int) -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def training_flops(model_dir: Path, tokens_per_step: float, mean_length: float) -> float:
+    """Model FLOPs of one training step: 6 per non-embedding parameter and token, plus attention's 12·layers·d·L per
+    token (the PaLM paper's accounting, Appendix B); forward + backward, no recomputation."""
+    config = BertConfig.from_pretrained(model_dir)
+    model = BertModel(config)
+    dense = model.num_parameters(exclude_embeddings=True)
+    attention = 12 * config.num_hidden_layers * config.hidden_size * mean_length
+    return (6 * dense + attention) * tokens_per_step
+
+
+def peak_tflops(opts) -> float | None:
+    """The device's dense bf16 peak: --peak_tflops, or looked up from the GPU's name; unknown on CPU."""
+    if opts.peak_tflops:
+        return opts.peak_tflops
+    if opts.device == "cuda" and opts.bf16:
+        name = torch.cuda.get_device_name()
+        return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return None
 
 
 def tokenization_throughput(model_dir: Path, n_pairs: int, max_length: int) -> dict[str, float]:
@@ -212,7 +298,7 @@ def tokenization_throughput(model_dir: Path, n_pairs: int, max_length: int) -> d
     return result
 
 
-def evaluation_throughput(model_dir: Path, n: int, batch: int) -> dict[str, float]:
+def evaluation_throughput(model_dir: Path, n: int, batch: int, opts) -> dict[str, float]:
     """Examples/s of Trainer.predict on sentences of varied length, in random order vs sorted by length."""
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
@@ -223,8 +309,8 @@ def evaluation_throughput(model_dir: Path, n: int, batch: int) -> dict[str, floa
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
     result = {}
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_eval_batch_size=batch, use_cpu=True, report_to="none",
-                                 disable_tqdm=True)
+        args = TrainingArguments(output_dir=out, per_device_eval_batch_size=batch, use_cpu=opts.device == "cpu",
+                                 bf16_full_eval=opts.bf16, report_to="none", disable_tqdm=True)
         trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer))
         lengths = np.array([len(ids) for ids in data["input_ids"]])
         for label, dataset in (("unsorted", data), ("length_sorted", data.select(np.argsort(lengths)))):
@@ -234,53 +320,117 @@ def evaluation_throughput(model_dir: Path, n: int, batch: int) -> dict[str, floa
     return result
 
 
+def length_grouped_throughput(model_dir: Path, opts, n_pairs: int, batch: int, steps: int) -> dict[str, float]:
+    """Pairs/s and padding share of RealignTrainer on pairs of 5-80 words, its language sampler drawing them
+    at random or grouped by length (--train_sampling_strategy)."""
+    rng = np.random.default_rng(6)
+    words = rng.integers(5, 81, size=n_pairs)
+    src = [" ".join(rng.choice(WORDS, int(k))) + " ." for k in words]
+    tgt = [" ".join(rng.choice(WORDS, int(k + rng.integers(-2, 3)) if k > 3 else int(k))) + " ." for k in words]
+    dataset = tokenized_pairs(model_dir, src, tgt, opts.max_length)
+    original = run_realign.PairCollator.__call__
+    result = {}
+    for strategy in ("random", "group_by_length"):
+        real, padded = [0], [0]
+
+        def counting(self, features, real=real, padded=padded):
+            batch_ = original(self, features)
+            real[0] += int(batch_["attention_mask"].sum())
+            padded[0] += batch_["attention_mask"].numel()
+            return batch_
+
+        run_realign.PairCollator.__call__ = counting
+        try:
+            times = realign_trainer(model_dir, dataset, batch, steps, opts, trainer_class=run_realign.RealignTrainer,
+                                    train_sampling_strategy=strategy)
+        finally:
+            run_realign.PairCollator.__call__ = original
+        result[f"{strategy}_pairs_per_s"] = batch / steady(times, opts.warmup)
+        result[f"{strategy}_padding_share"] = 1 - real[0] / padded[0]
+    return result
+
+
 def benchmark_model(kind: str, args, root: Path) -> dict:
-    steps = args.steps if kind == "tiny" else args.base_steps
+    steps, rounds = (args.steps, args.rounds) if kind == "tiny" else (args.base_steps, args.base_rounds)
     n_pairs = args.batch * steps
     src, tgt = make_texts(n_pairs, 24, 1), make_texts(n_pairs, 24, 2)
     model_dir = build_model(kind, root / kind, src + tgt)
     dataset = tokenized_pairs(model_dir, src, tgt, args.max_length)
     tokens_per_step = sum(len(x) + len(y) for x, y in zip(dataset["src_input_ids"], dataset["tgt_input_ids"])) / steps
-    measured = {"a": [], "b": [], "c": []}
-    for _ in range(args.rounds):
-        measured["a"].append(steady(bare_encoder(model_dir, dataset, args.batch, steps), args.warmup))
+    measured = {"a": [], "b0": [], "b": [], "c": []}  # per round, the steady steps' seconds
+    for _ in range(rounds):
+        measured["a"].append(bare_encoder(model_dir, dataset, args.batch, steps, args)[args.warmup :])
         gc.collect()
-        measured["b"].append(steady(realign_trainer(model_dir, dataset, args.batch, steps), args.warmup))
+        measured["b0"].append(realign_loss_loop(model_dir, dataset, args.batch, steps, args)[args.warmup :])
+        gc.collect()
+        measured["b"].append(realign_trainer(model_dir, dataset, args.batch, steps, args)[args.warmup :])
         gc.collect()
         if not args.skip_sentence_transformers:
-            measured["c"].append(steady(sentence_transformers_mnrl(model_dir, src, tgt, args.batch, steps,
-                                                                   args.max_length), args.warmup))
+            measured["c"].append(sentence_transformers_mnrl(model_dir, src, tgt, args.batch, steps, args.max_length,
+                                                            args)[args.warmup :])
             gc.collect()
-    seconds = {k: statistics.median(v) for k, v in measured.items() if v}
+    measured = {k: v for k, v in measured.items() if v}
+    # The median over rounds of each round's median step; and the fastest step of all, which other processes'
+    # load can only slow down, as a second reading on a shared machine.
+    seconds = {k: statistics.median(statistics.median(r) for r in v) for k, v in measured.items()}
+    fastest = {k: min(min(r) for r in v) for k, v in measured.items()}
+    flops = training_flops(model_dir, tokens_per_step, tokens_per_step / (2 * args.batch))
+    peak = peak_tflops(args)
     result = {
         "model": kind,
         "params": sum(p.numel() for p in BertModel.from_pretrained(model_dir).parameters()),
         "pairs_per_step": args.batch,
         "tokens_per_step": tokens_per_step,
         "seconds_per_step": seconds,
+        "steps_per_s": {k: 1 / v for k, v in seconds.items()},
         "pairs_per_s": {k: args.batch / v for k, v in seconds.items()},
         "tokens_per_s": {k: tokens_per_step / v for k, v in seconds.items()},
+        "model_tflops_per_s": {k: flops / v / 1e12 for k, v in seconds.items()},
+        "mfu": {k: flops / v / 1e12 / peak for k, v in seconds.items()} if peak else None,
+        "paper_steps_hours_b": PAPER_STEPS * seconds["b"] / 3600,
         "b_over_a": seconds["a"] / seconds["b"],
-        "peak_rss_mb_so_far": peak_rss_mb(),
-        "rounds": {k: v for k, v in measured.items() if v},
+        "b_over_a_fastest": fastest["a"] / fastest["b"],
+        "b0_over_a": seconds["a"] / seconds["b0"],
+        "b0_over_a_fastest": fastest["a"] / fastest["b0"],
+        "peak_memory_mb_so_far": peak_memory_mb(args),
+        "rounds": measured,
     }
     if "c" in seconds:
         result["b_over_c"] = seconds["c"] / seconds["b"]
+        result["b_over_c_fastest"] = fastest["c"] / fastest["b"]
     return result
 
 
-def print_table(results: list[dict], extra: dict) -> None:
-    print("\n| model | params | (a) bare pairs/s | (b) RealignTrainer pairs/s | (c) ST MNRL pairs/s | b/a | b/c | "
-          "tokens/s (b) |")
-    print("|---|---|---|---|---|---|---|---|")
+def peak_memory_mb(opts) -> float:
+    """Peak GPU memory allocated on GPU, peak resident memory of the process on CPU."""
+    return torch.cuda.max_memory_allocated() / 2**20 if opts.device == "cuda" else peak_rss_mb()
+
+
+def print_table(results: list[dict], extra: dict, opts) -> None:
+    precision = "bf16" if opts.bf16 else "fp32"
+    print(f"\ndevice: {device_name(opts)}, {precision}{', torch.compile' if opts.compile else ''}")
+    print("| model | params | (a) bare pairs/s | (b0) loss + collation pairs/s | (b) RealignTrainer pairs/s | "
+          "(c) ST MNRL pairs/s | b0/a | b/a | b/c | b0/a, b/a, b/c (fastest steps) | steps/s (b) | tokens/s (b) | "
+          "TFLOP/s (b) | MFU (b) | paper's 24,544 steps (b) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         p = r["pairs_per_s"]
-        print(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {p['a']:.1f} | {p['b']:.1f} | "
-              f"{p.get('c', float('nan')):.1f} | {r['b_over_a']:.3f} | {r.get('b_over_c', float('nan')):.3f} | "
-              f"{r['tokens_per_s']['b']:.0f} |")
-    print(f"\npeak RSS: {peak_rss_mb():.0f} MB")
+        mfu = f"{r['mfu']['b']:.1%}" if r["mfu"] else "n/a"
+        print(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {p['a']:.1f} | {p['b0']:.1f} | {p['b']:.1f} | "
+              f"{p.get('c', float('nan')):.1f} | {r['b0_over_a']:.3f} | {r['b_over_a']:.3f} | "
+              f"{r.get('b_over_c', float('nan')):.3f} | {r['b0_over_a_fastest']:.3f}, {r['b_over_a_fastest']:.3f}, "
+              f"{r.get('b_over_c_fastest', float('nan')):.3f} | "
+              f"{r['steps_per_s']['b']:.2f} | {r['tokens_per_s']['b']:.0f} | {r['model_tflops_per_s']['b']:.3f} | "
+              f"{mfu} | {r['paper_steps_hours_b']:.2f} h |")
+    print(f"\npeak memory: {peak_memory_mb(opts):.0f} MB ({'GPU allocated' if opts.device == 'cuda' else 'RSS'})")
     for name, values in extra.items():
-        print(f"{name}: " + ", ".join(f"{k} = {v:.1f}" for k, v in values.items()))
+        print(f"{name}: " + ", ".join(f"{k} = {v:.3g}" if v < 1 else f"{k} = {v:.1f}" for k, v in values.items()))
+
+
+def device_name(opts) -> str:
+    if opts.device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} torch threads"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -291,11 +441,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=40, help="Steps per measurement for the tiny model.")
     parser.add_argument("--base_steps", type=int, default=8, help="Steps per measurement for the 12-layer model.")
     parser.add_argument("--warmup", type=int, default=2, help="Steps left out of each measurement (warm-up).")
-    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of (a), (b), (c); medians reported.")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="Interleaved rounds of (a), (b0), (b), (c) for the tiny model; medians reported.")
+    parser.add_argument("--base_rounds", type=int, default=3, help="Interleaved rounds for the 12-layer model.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice).")
     parser.add_argument("--skip_sentence_transformers", action="store_true", help="Do not measure (c).")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="Where to train (default: the GPU when there is one).")
+    parser.add_argument("--bf16", action="store_true", help="Train in bf16 autocast (as run_realign.py --bf16).")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (run_realign.py --torch_compile).")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="The device's peak TFLOP/s, for model FLOPs utilisation (default: known GPUs in bf16).")
+    parser.add_argument("--tokenize_pairs", type=int, default=20_000, help="Pairs for the tokenisation measurement.")
+    parser.add_argument("--grouped_steps", type=int, default=30,
+                        help="Steps of the random vs group_by_length measurement (tiny model, 0 to skip).")
+    parser.add_argument("--eval_examples", type=int, default=2000, help="Examples for the evaluation measurement.")
     parser.add_argument("--output", default=None, help="Also write the results as JSON to this file.")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU is visible to torch")
     logging.disable(logging.WARNING)
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
@@ -309,12 +473,19 @@ def main(argv: list[str] | None = None) -> dict:
             results.append(benchmark_model(kind, args, root))
         tiny = build_model("tiny", root / "tiny-extra", make_texts(2000, 24, 9))
         extra = {
-            "tokenisation + caching (tiny tokenizer, 20k pairs), pairs/s": tokenization_throughput(tiny, 20_000,
-                                                                                                args.max_length),
-            "evaluation, tiny model, 2,000 examples of 5-120 words, examples/s": evaluation_throughput(tiny, 2000, 32),
+            f"tokenisation + caching (tiny tokenizer, {args.tokenize_pairs:,} pairs), pairs/s":
+                tokenization_throughput(tiny, args.tokenize_pairs, args.max_length),
         }
-    print_table(results, extra)
-    output = {"torch_threads": torch.get_num_threads(), "results": results, "extra": extra}
+        if args.grouped_steps:
+            extra[f"realignment, tiny model, pairs of 5-80 words, {args.grouped_steps} steps"] = (
+                length_grouped_throughput(tiny, args, args.batch * args.grouped_steps, args.batch, args.grouped_steps)
+            )
+        extra[f"evaluation, tiny model, {args.eval_examples:,} examples of 5-120 words, examples/s"] = (
+            evaluation_throughput(tiny, args.eval_examples, 32, args)
+        )
+    print_table(results, extra, args)
+    output = {"device": device_name(args), "bf16": args.bf16, "compile": args.compile,
+              "torch_threads": torch.get_num_threads(), "results": results, "extra": extra}
     if args.output:
         Path(args.output).write_text(json.dumps(output, indent=2), encoding="utf-8")
     return output
