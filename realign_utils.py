@@ -42,16 +42,25 @@ RESULTS_COLUMNS = ["timestamp", "model", "subset", "seed", "task", "source", "la
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(dataclass_types: tuple, defaults: dict[str, Any] | None = None, argv: list[str] | None = None) -> tuple:
+def parse_args(
+    dataclass_types: tuple,
+    defaults: dict[str, Any] | None = None,
+    argv: list[str] | None = None,
+    help_overrides: dict[str, str] | None = None,
+) -> tuple:
     """Parse `dataclass_types` from `--config run.yaml` (defaults) and command-line flags (overrides).
 
     `defaults` are the script's own defaults for fields it does not own (e.g. the paper's learning rate for
     `TrainingArguments`); the YAML file overrides them and the command line overrides both. Unknown YAML keys fail.
+    `help_overrides` replaces the --help text of such fields where the script uses them differently.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", argv[0]]  # `python script.py run.yaml`, the transformers examples' shorthand
     parser = HfArgumentParser(dataclass_types)
+    for action in parser._actions:
+        if help_overrides and action.dest in help_overrides:
+            action.help = help_overrides[action.dest]
     known = {action.dest for action in parser._actions}
     if defaults:
         parser.set_defaults(**defaults)

@@ -1590,7 +1590,13 @@ def without_shared_aliases(state_dict: dict[str, torch.Tensor], prefix: str) -> 
 
 def parse_realign_args(argv: list[str] | None = None):
     model_args, data_args, realign_args, training_args = parse_args(
-        (ModelArguments, DataArguments, RealignArguments, TrainingArguments), PAPER_TRAINING_DEFAULTS, argv
+        (ModelArguments, DataArguments, RealignArguments, TrainingArguments), PAPER_TRAINING_DEFAULTS, argv,
+        help_overrides={
+            "train_sampling_strategy": "'random' (default): each pair's language is drawn as --language_sampling "
+            "says, pairs shuffled within a language. 'group_by_length': the same draws, reordered so that a batch "
+            "holds pairs of similar length (less padding; a batch's negatives then tend to share a length). The other "
+            "values are refused."
+        },
     )
     if training_args.train_sampling_strategy not in ("random", "group_by_length"):
         raise ValueError(

@@ -178,11 +178,15 @@ def test_group_by_length_pads_less(tiny_bert, parallel_dirs, tmp_path, monkeypat
     assert padding["group_by_length"] < 0.75 * padding["random"], padding
 
 
-def test_unsupported_sampling_strategy_is_refused(tiny_bert, parallel_dirs, tmp_path):
+def test_unsupported_sampling_strategy_is_refused(tiny_bert, parallel_dirs, tmp_path, capsys):
     with pytest.raises(ValueError, match="train_sampling_strategy sequential is not available"):
         run_realign.main(realign_argv(tiny_bert, parallel_dirs, tmp_path / "out", "--train_sampling_strategy",
                                       "sequential"))
     assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        run_realign.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "'group_by_length': the same draws, reordered" in help_text and "The other values are refused." in help_text
 
 
 # -- bad input: a clear error and no output --------------------------------------------------------------------------
