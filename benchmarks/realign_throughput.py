@@ -57,8 +57,9 @@ from transformers import (  # noqa: E402
 import run_realign  # noqa: E402
 
 PAPER_STEPS = run_realign.PAPER_TRAINING_DEFAULTS["max_steps"]
-# Dense bf16 peak of the accelerators this is likely to run on, in TFLOP/s (vendor datasheets, SXM parts).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense bf16 peak, in TFLOP/s, of the accelerators this is likely to run on (vendor datasheets), matched in this
+# order against the device name: the PCIe and NVL H100 parts are slower than the SXM one.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 MODELS = {
     "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
@@ -273,9 +274,13 @@ def peak_tflops(opts) -> float | None:
     if opts.peak_tflops:
         return opts.peak_tflops
     if opts.device == "cuda" and opts.bf16:
-        name = torch.cuda.get_device_name()
-        return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+        return bf16_peak_of(torch.cuda.get_device_name())
     return None
+
+
+def bf16_peak_of(device_name: str) -> float | None:
+    """The datasheet bf16 peak of a GPU from its name ('NVIDIA H100 80GB HBM3' → 989), None when not listed."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
 
 
 def tokenization_throughput(model_dir: Path, n_pairs: int, max_length: int) -> dict[str, float]:

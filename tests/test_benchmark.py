@@ -52,3 +52,10 @@ def test_benchmark_reports_every_figure(tmp_path, single_thread, restore_logging
     assert grouped["group_by_length_padding_share"] < 0.5 * grouped["random_padding_share"]
     evaluation = next(v for k, v in extra.items() if k.startswith("evaluation"))
     assert evaluation["length_sorted_examples_per_s"] > 0
+
+
+def test_gpu_peaks_are_matched_most_specific_first():
+    assert realign_throughput.bf16_peak_of("NVIDIA H100 80GB HBM3") == 989.0
+    assert realign_throughput.bf16_peak_of("NVIDIA H100 PCIe") == 756.0
+    assert realign_throughput.bf16_peak_of("NVIDIA H200") == 989.0
+    assert realign_throughput.bf16_peak_of("NVIDIA GeForce RTX 4090") is None
