@@ -9,6 +9,7 @@ metrics, Trainer subclasses) stays in the scripts.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -361,20 +362,28 @@ def read_local_parallel(files: list[Path]) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, newline: str | None = None):
+    """Open `path` for writing through a temporary file renamed over it on success, so that a crash leaves either
+    the old file or the new one, never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-            f.write("\n")
+        with os.fdopen(fd, "w", newline=newline, encoding="utf-8") as f:
+            yield f
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON through `atomic_writer`."""
+    with atomic_writer(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -426,19 +435,11 @@ def append_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
                     f"{path} has columns {reader.fieldnames}, expected {RESULTS_COLUMNS}. Write to a new --results_file."
                 )
             existing = list(reader)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=RESULTS_COLUMNS)
-            writer.writeheader()
-            writer.writerows(existing)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULTS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(existing)
+        writer.writerows(rows)
     return len(rows)
 
 

@@ -48,6 +48,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 import languages as lang_registry
 from realign_utils import (
     asdict_public,
+    atomic_writer,
     check_settings,
     code_version,
     content_token_mask,
@@ -953,10 +954,8 @@ def extract_word_links(
             "%s: eflomal aligned %d pairs in %.1f s (%.1f s per 10k pairs); cached in %s",
             desc, len(src_texts), seconds, seconds * 10_000 / max(1, len(src_texts)), path,
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_writer(path) as f:
+            f.write("\n".join(lines) + "\n")
     if len(lines) != len(src_texts):
         raise ValueError(f"{path}: {len(lines)} alignment lines for {len(src_texts)} pairs; delete the file to redo it.")
     links = []

@@ -379,6 +379,7 @@ def print_plan(groups: list[Group], seconds: dict[str, float], processes: int, o
 
 
 def atomic_write(path: Path, text: str) -> None:
+    # realign_utils.atomic_writer does the same, but importing it would load torch into the scheduler.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
