@@ -6,6 +6,7 @@ path of the scripts runs as it would with mBERT or XLM-R.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -173,7 +174,31 @@ def udhr_dir(tmp_path_factory) -> Path:
     return out
 
 
-# -- shared by the downstream test modules -------------------------------------------------------------------------
+# -- shared by the test modules -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _crash_after(trainer_class, steps: int):
+    """Let `trainer_class` run `steps` training steps, then raise KeyboardInterrupt (a simulated crash) in the next;
+    the block must end in that crash, and the training step is restored on leaving."""
+    original = trainer_class.training_step
+    calls = {"n": 0}
+
+    def crashing_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt, match="simulated crash"):
+        patch.setattr(trainer_class, "training_step", crashing_step)
+        yield
+
+
+@pytest.fixture
+def crash_after():
+    """`with crash_after(TrainerClass, n): main(argv)`: the run crashes after n training steps (see `_crash_after`)."""
+    return _crash_after
 
 
 @pytest.fixture

@@ -16,13 +16,7 @@ import run_realign
 from analyze_alignment import alignment_loss, group_cosines, layer_groups, pair_metrics
 from realign_utils import retrieval_recall_at_k
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 def test_recall_at_k_known_answers():

@@ -23,13 +23,7 @@ COMBINATIONS = ["sentence=1", "word=1", "mlm=1", "sentence=1,word=1", "sentence=
                 "sentence=1,word=1,mlm=1"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 def combo_argv(model, parallel_dirs, out, weights, *extra):
@@ -60,7 +54,7 @@ def test_each_combination_trains(weights, tiny_bert, parallel_dirs, tmp_path):
     assert parse_loss_weights(config["loss"]["loss_weights"]) == parse_loss_weights(weights)
 
 
-def test_mlm_checkpoint_is_a_plain_encoder_and_resumes(tiny_bert, parallel_dirs, tmp_path, monkeypatch):
+def test_mlm_checkpoint_is_a_plain_encoder_and_resumes(tiny_bert, parallel_dirs, tmp_path, crash_after):
     full = tmp_path / "full"
     argv = combo_argv(tiny_bert, parallel_dirs, full, "sentence=1,mlm=1", "--max_steps", "8", "--save_steps", "4")
     run_realign.main(argv)
@@ -82,19 +76,8 @@ def test_mlm_checkpoint_is_a_plain_encoder_and_resumes(tiny_bert, parallel_dirs,
     interrupted = tmp_path / "interrupted"
     argv_interrupted = combo_argv(tiny_bert, parallel_dirs, interrupted, "sentence=1,mlm=1", "--max_steps", "8",
                                   "--save_steps", "4")
-    original_step = Trainer.training_step
-    calls = {"n": 0}
-
-    def crash_after_6(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 6:
-            raise KeyboardInterrupt("simulated crash")
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "training_step", crash_after_6)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after(Trainer, 6):
         run_realign.main(argv_interrupted)
-    monkeypatch.setattr(Trainer, "training_step", original_step)
     run_realign.main(argv_interrupted)  # resumes from checkpoint-4, the decoder re-tied to the embeddings
     resumed = load_file(interrupted / "model.safetensors")
     for key in saved:

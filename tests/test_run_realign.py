@@ -97,24 +97,13 @@ def test_reference_compat_drops_projection_head(tiny_xlmr, parallel_dirs, tmp_pa
     assert any(k.startswith(run_realign.PROJECTION_PREFIX) for k in checkpoint)
 
 
-def test_interrupted_run_resumes_to_the_same_result(tiny_bert, parallel_dirs, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_result(tiny_bert, parallel_dirs, tmp_path, crash_after):
     full = tmp_path / "full"
     run_realign.main(realign_argv(tiny_bert, parallel_dirs, full))
 
     interrupted = tmp_path / "interrupted"
-    original_step = run_realign.RealignTrainer.training_step
-    calls = {"n": 0}
-
-    def crash_after_20(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 20:
-            raise KeyboardInterrupt("simulated crash")
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(run_realign.RealignTrainer, "training_step", crash_after_20)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after(run_realign.RealignTrainer, 20):
         run_realign.main(realign_argv(tiny_bert, parallel_dirs, interrupted))
-    monkeypatch.setattr(run_realign.RealignTrainer, "training_step", original_step)
     assert (interrupted / "checkpoint-15").is_dir() and not (interrupted / "model.safetensors").exists()
 
     run_realign.main(realign_argv(tiny_bert, parallel_dirs, interrupted))  # finds checkpoint-15 by itself

@@ -117,23 +117,12 @@ def test_string_labels_are_matched_case_insensitively(tmp_path):
     assert dataset["label"] == [0, 1, 2] and dataset["premise"] == ["က", "", "က"]
 
 
-def test_resume_after_interruption_and_linear_probe(tiny_bert, downstream_dir, cache_dir, tmp_path, monkeypatch):
+def test_resume_after_interruption_and_linear_probe(tiny_bert, downstream_dir, cache_dir, tmp_path, crash_after):
     out = tmp_path / "out"
     argv = nli_argv(tiny_bert, downstream_dir, out, cache_dir, "--eval_languages", "eng", "--save_steps", "4",
                     "--finetune_mode", "linear")
-    original_step = Trainer.training_step
-    calls = {"n": 0}
-
-    def crash_after_6(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 6:
-            raise KeyboardInterrupt("simulated crash")
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "training_step", crash_after_6)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after(Trainer, 6):
         run_xnli.main(argv)
-    monkeypatch.setattr(Trainer, "training_step", original_step)
     assert (out / "checkpoint-4").is_dir() and not (out / "model.safetensors").exists()
 
     metrics = run_xnli.main(argv)  # finds checkpoint-4 by itself
