@@ -175,7 +175,7 @@ def training_args(output_dir: str, batch: int, steps: int, opts, **kwargs) -> di
 
 
 def realign_trainer(model_dir: Path, dataset: datasets.Dataset, batch: int, steps: int, opts,
-                    trainer_class=SequentialRealignTrainer, **args) -> list[float]:
+                    trainer_class=SequentialRealignTrainer, collator=None, **args) -> list[float]:
     """(b) the project's training step."""
     from transformers import AutoTokenizer
 
@@ -186,7 +186,7 @@ def realign_trainer(model_dir: Path, dataset: datasets.Dataset, batch: int, step
         args = TrainingArguments(**training_args(out, batch, steps, opts, remove_unused_columns=False, **args))
         trainer = trainer_class(
             model=model, args=args, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model_dir),
-            data_collator=run_realign.PairCollator(0, pad_multiple(opts)), realign_args=realign_args,
+            data_collator=collator or run_realign.PairCollator(0, pad_multiple(opts)), realign_args=realign_args,
             language_codes=["fra"], sampling_probs=np.ones(1), callbacks=[timer],
         )
         trainer.train()
@@ -325,33 +325,33 @@ def evaluation_throughput(model_dir: Path, n: int, batch: int, opts) -> dict[str
     return result
 
 
+class CountingCollator(run_realign.PairCollator):
+    """`PairCollator` that also counts the real and padded token positions it produced."""
+
+    real = padded = 0
+
+    def __call__(self, features):
+        batch = super().__call__(features)
+        self.real += int(batch["attention_mask"].sum())
+        self.padded += batch["attention_mask"].numel()
+        return batch
+
+
 def length_grouped_throughput(model_dir: Path, opts, n_pairs: int, batch: int, steps: int) -> dict[str, float]:
     """Pairs/s and padding share of RealignTrainer on pairs of 5-80 words, its language sampler drawing them
     at random or grouped by length (--train_sampling_strategy)."""
     rng = np.random.default_rng(6)
     words = rng.integers(5, 81, size=n_pairs)
     src = [" ".join(rng.choice(WORDS, int(k))) + " ." for k in words]
-    tgt = [" ".join(rng.choice(WORDS, int(k + rng.integers(-2, 3)) if k > 3 else int(k))) + " ." for k in words]
+    tgt = [" ".join(rng.choice(WORDS, int(k + rng.integers(-2, 3)))) + " ." for k in words]  # translations: ±2 words
     dataset = tokenized_pairs(model_dir, src, tgt, opts.max_length)
-    original = run_realign.PairCollator.__call__
     result = {}
     for strategy in ("random", "group_by_length"):
-        real, padded = [0], [0]
-
-        def counting(self, features, real=real, padded=padded):
-            batch_ = original(self, features)
-            real[0] += int(batch_["attention_mask"].sum())
-            padded[0] += batch_["attention_mask"].numel()
-            return batch_
-
-        run_realign.PairCollator.__call__ = counting
-        try:
-            times = realign_trainer(model_dir, dataset, batch, steps, opts, trainer_class=run_realign.RealignTrainer,
-                                    train_sampling_strategy=strategy)
-        finally:
-            run_realign.PairCollator.__call__ = original
+        collator = CountingCollator(0, pad_multiple(opts))
+        times = realign_trainer(model_dir, dataset, batch, steps, opts, trainer_class=run_realign.RealignTrainer,
+                                collator=collator, train_sampling_strategy=strategy)
         result[f"{strategy}_pairs_per_s"] = batch / steady(times, opts.warmup)
-        result[f"{strategy}_padding_share"] = 1 - real[0] / padded[0]
+        result[f"{strategy}_padding_share"] = 1 - collator.real / collator.padded
     return result
 
 
