@@ -51,6 +51,7 @@ from realign_utils import (
     load_hub_split,
     masked_mean_pool,
     parse_args,
+    pooling_special_ids,
     read_local_parallel,
     read_local_table,
     retrieval_recall_at_k,
@@ -548,7 +549,7 @@ def gradient_cosines(model_path: str, task_model: str | None, sets: list[Paralle
 
     task_gradient = gradient(model(**batch).loss for batch in task_batches(dataset, token_level, tokenizer, label_ids,
                                                                                args, device))
-    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=device)
+    special_ids = pooling_special_ids(tokenizer).to(device)
 
     def alignment_losses(parallel: ParallelSet):
         count = min(len(parallel.a), args.gradient_batches * args.gradient_batch_size)

@@ -16,6 +16,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -210,8 +211,20 @@ def masked_mean_pool(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 
 def content_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: torch.Tensor) -> torch.Tensor:
-    """Positions that are real text: attended to and not a special token ([CLS], [SEP], <s>, </s>, padding)."""
+    """Positions that are real text: attended to and not one of `special_ids` (see `pooling_special_ids`)."""
     return attention_mask.bool() & ~torch.isin(input_ids, special_ids)
+
+
+def pooling_special_ids(tokenizer) -> torch.Tensor:
+    """The token ids that sentence pooling leaves out: the structural special tokens ([CLS], [SEP], <s>, </s>, padding).
+
+    Unknown-word tokens ([UNK], <unk>) and a literal [MASK] stay in: they stand for text of the sentence (in a
+    low-resource language, often a whole word the vocabulary lacks), and leaving them out would pool a sentence of
+    unknown words to the zero vector. sentence-transformers' mean pooling differs the other way: it averages every
+    attended position, [CLS] and [SEP] included.
+    """
+    content = {tokenizer.unk_token_id, tokenizer.mask_token_id} - {None}
+    return torch.tensor(sorted(set(tokenizer.all_special_ids) - content), dtype=torch.long)
 
 
 @torch.no_grad()
@@ -261,11 +274,12 @@ def encode_layers(
     """Masked-mean sentence vectors of several hidden layers in one pass: {layer: (len(texts), d)} on the CPU.
 
     `layers` are `hidden_states` indices (0 = embeddings, `num_hidden_layers` = last). Special tokens and padding are
-    left out of the mean, as in realignment. Texts are embedded longest first (less padding), returned in input order.
+    left out of the mean (`pooling_special_ids`), as in realignment. Texts are embedded longest first (less padding),
+    returned in input order.
     """
     layers = list(layers)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long, device=device)
+    special_ids = pooling_special_ids(tokenizer).to(device)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     out = {layer: [None] * len(texts) for layer in layers}
     was_training = model.training
@@ -288,73 +302,198 @@ def encode_layers(
 # Local parallel files (run_realign.py's --parallel_data_dir, analyze_alignment.py's --parallel_data)
 # ----------------------------------------------------------------------------------------------------------------------
 
-# Keys of the English side in a JSON-lines 'translation' dict.
+# Keys of the English side in a JSON-lines 'translation' dict or a TSV header.
 ENGLISH_KEYS = ("en", "eng")
+# The optional column that says which pairs share a meaning (translations of one sentence in several languages).
+ID_KEY = "id"
+TABLE_SUFFIXES = (".tsv", ".jsonl", ".json", ".parquet")
+# A TSV header names its columns with language codes (en, yor, swh_Latn) and optionally `id`.
+_HEADER_FIELD = re.compile(r"^(id|[a-z]{2,3}([-_][A-Za-z]{4})?)$")
 
 
-def find_local_parallel_file(folder: str, language) -> list[Path]:
-    """The file(s) holding `language` (a registry `Language`) in `folder`: {code}.tsv, {code}.jsonl or the pair
-    en-{code}.en / en-{code}.{code}."""
+def find_local_parallel_file(folder: str, language, split: str = "train") -> list[Path]:
+    """The file(s) holding `language` (a registry `Language`) in `folder`.
+
+    Accepted, for any of the language's names (registry code, aliases, ISO 639-1 code): `{name}.tsv`, `.jsonl`,
+    `.json` or `.parquet`; the pair `en-{name}.en` + `en-{name}.{name}`; or OPUS-100's own layout as
+    `snapshot_download("Helsinki-NLP/opus-100")` leaves it, `en-{name}/` or `{name}-en/` holding `{split}*.parquet` or
+    `{split}*.jsonl` shards (`split` is `train`, or `validation` for held-out pairs).
+    """
     names = [language.code, *language.aliases] + ([language.iso639_1] if language.iso639_1 else [])
     folder_path = Path(folder)
     for name in names:
-        for suffix in (".tsv", ".jsonl", ".json"):
+        for suffix in TABLE_SUFFIXES:
             if (folder_path / f"{name}{suffix}").is_file():
                 return [folder_path / f"{name}{suffix}"]
         en_side, xx_side = folder_path / f"en-{name}.en", folder_path / f"en-{name}.{name}"
         if en_side.is_file() and xx_side.is_file():
             return [en_side, xx_side]
+        for pair in (f"en-{name}", f"{name}-en"):
+            shards = sorted(p for p in (folder_path / pair).glob(f"{split}*") if p.suffix in (".parquet", ".jsonl"))
+            if shards:
+                return shards
     raise FileNotFoundError(
         f"No parallel file for {language.code} ({language.name}) in {folder}: expected {language.code}.tsv, "
-        f"{language.code}.jsonl or en-{language.code}.en + en-{language.code}.{language.code} (aliases "
-        f"{', '.join(names[1:]) or 'none'} are accepted as well)."
+        f"{language.code}.jsonl, {language.code}.parquet, en-{language.code}.en + en-{language.code}.{language.code}, "
+        f"or OPUS-100's en-xx/{split}-*.parquet (aliases {', '.join(names[1:]) or 'none'} are accepted as well)."
     )
 
 
 def read_local_parallel(files: list[Path]) -> dict[str, list[str]]:
-    """Read English/translation pairs (`src` = English, `tgt` = translation) from local files, failing with the file
-    and line of any malformed input."""
-    src, tgt = [], []
-    if len(files) == 2:
-        with open(files[0], encoding="utf-8") as f_en, open(files[1], encoding="utf-8") as f_xx:
-            src, tgt = f_en.read().splitlines(), f_xx.read().splitlines()
+    """Read English/translation pairs (`src` = English, `tgt` = translation, and `id` when the files give one) from
+    the files `find_local_parallel_file` returns, failing with the file and line of any malformed input.
+
+    Lines end at "\\n" alone (one trailing "\\r" is dropped), never at the other characters `str.splitlines` breaks at
+    (U+0085, U+2028, form feeds...): those occur inside real sentences, and breaking there would shift one side of a
+    line-aligned pair against the other. A UTF-8 byte-order mark at the start of a file is dropped.
+    """
+    if len(files) == 2 and files[0].suffix == ".en":
+        src, tgt = _read_lines(files[0]), _read_lines(files[1])
         if len(src) != len(tgt):
             raise ValueError(
                 f"{files[0]} has {len(src)} lines but {files[1]} has {len(tgt)}: the two sides must be aligned line "
                 "by line."
             )
-    elif files[0].suffix == ".tsv":
-        with open(files[0], encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                line = line.rstrip("\n").rstrip("\r")
-                if not line.strip():
-                    continue
-                if "\t" not in line:
-                    raise ValueError(
-                        f"{files[0]}:{lineno}: no tab separator. Each line must be English<TAB>translation."
-                    )
-                english, translation = line.split("\t", 2)[:2]
-                src.append(english)
-                tgt.append(translation)
+        columns = {"src": src, "tgt": tgt}
     else:
-        with open(files[0], encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    translation = json.loads(line)["translation"]
-                    english_key = next(k for k in ENGLISH_KEYS if k in translation)
-                    (other_key,) = [k for k in translation if k != english_key]
-                except (json.JSONDecodeError, KeyError, TypeError, StopIteration, ValueError) as err:
-                    raise ValueError(
-                        f"{files[0]}:{lineno}: expected a JSON object with a 'translation' dict holding an 'en' (or "
-                        f"'eng') key and one other language key ({type(err).__name__}: {err})."
-                    ) from err
-                src.append(translation[english_key])
-                tgt.append(translation[other_key])
-    if not src:
+        parts = [_READERS[path.suffix](path) for path in files]
+        if len({ID_KEY in part for part in parts}) > 1:
+            raise ValueError(f"{files[0].parent}: some of {', '.join(p.name for p in files)} have an id column and "
+                             "some do not; give it in all or none.")
+        columns = {key: [value for part in parts for value in part[key]] for key in parts[0]}
+    if not columns["src"]:
         raise ValueError(f"{files[0]} holds no parallel pair: the file is empty.")
-    return {"src": src, "tgt": tgt}
+    return columns
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file, split at "\\n" only, without a trailing empty line or a leading BOM."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    raw = data.split(b"\n")
+    if raw and raw[-1] == b"":
+        raw.pop()
+    lines = []
+    for lineno, line in enumerate(raw, start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{path}:{lineno}: not valid UTF-8 (byte {line[err.start]:#04x} at column {err.start + 1}). "
+                "Convert the file to UTF-8, e.g. with iconv."
+            ) from None
+        lines.append(text.removesuffix("\r"))
+    return lines
+
+
+def _read_tsv_pairs(path: Path) -> dict[str, list[str]]:
+    """English<TAB>translation per line, or columns named by a header line such as `id<TAB>en<TAB>yor`."""
+    lines = _read_lines(path)
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    header = None
+    if first is not None:
+        fields = [f.strip() for f in lines[first].split("\t")]
+        english = [f for f in fields if f.lower() in ENGLISH_KEYS]
+        others = [f for f in fields if f.lower() not in (*ENGLISH_KEYS, ID_KEY)]
+        if len(english) == 1 and len(others) == 1 and len(set(fields)) == len(fields) and 2 <= len(fields) <= 3:
+            if all(_HEADER_FIELD.match(f.lower()) for f in fields):
+                header = {"src": fields.index(english[0]), "tgt": fields.index(others[0])}
+                if ID_KEY in fields:
+                    header[ID_KEY] = fields.index(ID_KEY)
+    positions = header or {"src": 0, "tgt": 1}
+    width = len(lines[first].split("\t")) if header else 2
+    columns = {key: [] for key in positions}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip() or (header is not None and lineno == first + 1):
+            continue
+        fields = line.split("\t")
+        if len(fields) == width:
+            for key, index in positions.items():
+                columns[key].append(fields[index])
+            continue
+        if len(fields) == 1:
+            problem = "no tab separator"
+        else:
+            problem = f"{len(fields)} tab-separated fields where {width} are expected"
+        raise ValueError(
+            f"{path}:{lineno}: {problem}. Each line must be English<TAB>translation, or the file must start with a "
+            "header naming its columns (e.g. id<TAB>en<TAB>yor) that every line then follows."
+        )
+    return columns
+
+
+def _read_jsonl_pairs(path: Path) -> dict[str, list[str]]:
+    """One JSON object per line: {"translation": {"en": ..., "<code>": ...}} and optionally "id"."""
+    columns, with_id = {"src": [], "tgt": [], ID_KEY: []}, None
+    for lineno, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            english, other, identifier = _pair_fields(record)
+        except (json.JSONDecodeError, ValueError) as err:
+            raise ValueError(
+                f"{path}:{lineno}: expected a JSON object with a 'translation' dict holding an 'en' (or 'eng') key and "
+                f"one other language key, both strings, and optionally a string or integer 'id' ({err})."
+            ) from None
+        if with_id is None:
+            with_id = identifier is not None
+        elif with_id != (identifier is not None):
+            raise ValueError(f"{path}:{lineno}: 'id' must be given on every line or on none.")
+        columns["src"].append(english)
+        columns["tgt"].append(other)
+        columns[ID_KEY].append(identifier)
+    if not with_id:
+        del columns[ID_KEY]
+    return columns
+
+
+def _read_parquet_pairs(path: Path) -> dict[str, list[str]]:
+    """A parquet table with a 'translation' struct column (OPUS-100's schema) and optionally 'id'."""
+    import pyarrow.parquet as pq
+
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several unrelated types for unreadable files
+        raise ValueError(f"{path}: not a readable parquet file ({type(err).__name__}: {err}).") from None
+    columns = {"src": [], "tgt": [], ID_KEY: []}
+    for row, record in enumerate(records):
+        try:
+            english, other, identifier = _pair_fields(record)
+        except ValueError as err:
+            raise ValueError(f"{path}: row {row}: expected a 'translation' column holding an 'en' key and one other "
+                             f"language key, both strings ({err}).") from None
+        columns["src"].append(english)
+        columns["tgt"].append(other)
+        columns[ID_KEY].append(identifier)
+    if not any(value is not None for value in columns[ID_KEY]):
+        del columns[ID_KEY]
+    elif any(value is None for value in columns[ID_KEY]):
+        raise ValueError(f"{path}: 'id' is empty in some rows; give it in every row or in none.")
+    return columns
+
+
+def _pair_fields(record: Any) -> tuple[str, str, str | None]:
+    """(English, translation, id or None) of one JSON / parquet record; ValueError says what is wrong."""
+    if not isinstance(record, dict) or not isinstance(record.get("translation"), dict):
+        raise ValueError("no 'translation' object")
+    translation = record["translation"]
+    english_key = next((k for k in ENGLISH_KEYS if k in translation), None)
+    others = [k for k in translation if k != english_key]
+    if english_key is None or len(others) != 1:
+        raise ValueError(f"keys {sorted(translation)}")
+    english, other = translation[english_key], translation[others[0]]
+    if not isinstance(english, str) or not isinstance(other, str):
+        raise ValueError(f"values of type {type(english).__name__} and {type(other).__name__}")
+    identifier = record.get(ID_KEY)
+    if identifier is not None and (isinstance(identifier, bool) or not isinstance(identifier, str | int)):
+        raise ValueError(f"an 'id' of type {type(identifier).__name__}")
+    return english, other, None if identifier is None else str(identifier)
+
+
+_READERS = {".tsv": _read_tsv_pairs, ".jsonl": _read_jsonl_pairs, ".json": _read_jsonl_pairs,
+            ".parquet": _read_parquet_pairs}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
