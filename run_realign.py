@@ -21,6 +21,7 @@ MLM losses (λ_S·L_S + λ_W·L_W + λ_M·L_M).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -29,6 +30,7 @@ import math
 import os
 import tempfile
 import time
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,7 @@ from realign_utils import (
     find_local_parallel_file,
     masked_mean_pool,
     parse_args,
+    pooling_special_ids,
     read_local_parallel,
     retrieval_precision_at_1,
     setup_logging,
@@ -131,9 +134,13 @@ class DataArguments:
         default=None,
         metadata={
             "help": "A folder of local parallel files to read instead of the Hub, one per language: {code}.tsv "
-            "(English<TAB>translation per line), {code}.jsonl (a 'translation' dict with an 'en' or 'eng' key and "
-            "one other), or en-{code}.en plus en-{code}.{code} (one sentence per line, aligned by line). The code "
-            "may be the registry code, an alias or the ISO 639-1 code."
+            "(English<TAB>translation per line, or columns named by a header line such as id<TAB>en<TAB>yor), "
+            "{code}.jsonl or {code}.parquet (a 'translation' dict with an 'en' or 'eng' key and one other, and "
+            "optionally an 'id'), en-{code}.en plus en-{code}.{code} (one sentence per line, aligned by line), or "
+            "OPUS-100's own layout as a snapshot of the Hub dataset leaves it (en-yo/train-*.parquet; its "
+            "validation split is then held out). The code may be the registry code, an alias or the ISO 639-1 code. "
+            "An 'id' says which pairs translate the same sentence (see --same_meaning); without one, pairs with the "
+            "same English text do."
         },
     )
     eval_parallel_data_dir: str | None = field(
@@ -217,8 +224,9 @@ class RealignArguments:
         default=False,
         metadata={
             "help": "Reproduce the reference code's behaviour instead of the paper's intent: prefix pooling, "
-            "penultimate layer, a projection head, and XLM-R's stand-alone '▁' tokens removed. Each of the four "
-            "can also be set on its own with the flags below, which take precedence."
+            "penultimate layer, a projection head, XLM-R's stand-alone '▁' tokens removed, and other translations of "
+            "a batch's English sentences used as negatives (--same_meaning negative). Each of the five can also be "
+            "set on its own with the flags below, which take precedence."
         },
     )
     pooling: str | None = field(
@@ -245,6 +253,19 @@ class RealignArguments:
     strip_sentencepiece_space: bool | None = field(
         default=None,
         metadata={"help": "Whether to drop stand-alone '▁' tokens produced by SentencePiece tokenizers (reference code)."},
+    )
+    same_meaning: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the contrastive loss does with another translation of the same English sentence in the batch "
+            "(multi-way parallel data such as UDHR, FLORES or the Bible; pairs share a meaning when their normalised "
+            "English text, or the 'id' column of a local file, is the same): 'positive' (default: it counts as a "
+            "positive, as in supervised contrastive learning), 'ignore' (left out of the loss) or 'negative' (pushed "
+            "away like any other sentence: the paper's printed loss and the reference code, set by "
+            "--reference_compat). 'positive' is the default because it gave the best held-out retrieval in the "
+            "quickstart's comparison (README, 'Same-meaning negatives'). On data without repeated sentences the "
+            "three are the same loss."
+        },
     )
     gather_negatives: bool = field(
         default=False,
@@ -295,6 +316,16 @@ class RealignArguments:
         default=0.15,
         metadata={"help": "The share of text tokens the 'mlm' loss masks (BERT / XLM-R pre-training: 0.15)."},
     )
+    length_buckets: int = field(
+        default=1,
+        metadata={
+            "help": "Encode each batch's sentences in this many forward passes over rows of similar length, each padded "
+            "to its own longest row, instead of one pass padded to the batch's longest sentence. The batches, pooled "
+            "vectors and loss stay the same (up to float rounding); the computation spent on padding shrinks, which "
+            "saves time where compute grows with padded tokens (CPUs: 4 buckets took about 40 % less time per step "
+            "in the quickstart). Each bucket costs one host sync. Single-process runs only; sentence alignment only."
+        },
+    )
 
     def __post_init__(self):
         reference = {"pooling": "reference_prefix", "realign_layer": -2, "projection_head": True}
@@ -304,6 +335,12 @@ class RealignArguments:
                 setattr(self, name, value)
         if self.strip_sentencepiece_space is None:
             self.strip_sentencepiece_space = self.reference_compat
+        if self.same_meaning is None:
+            self.same_meaning = "negative" if self.reference_compat else DEFAULT_SAME_MEANING
+        if self.same_meaning not in SAME_MEANING_TREATMENTS:
+            raise ValueError(
+                f"--same_meaning must be one of {', '.join(SAME_MEANING_TREATMENTS)}, got {self.same_meaning!r}."
+            )
         if self.pooling not in ("mean", "reference_prefix"):
             raise ValueError(f"--pooling must be 'mean' or 'reference_prefix', got {self.pooling!r}.")
         if self.temperature <= 0:
@@ -324,6 +361,10 @@ class RealignArguments:
             raise ValueError("--word_negatives must be at least 1 (the companion paper samples 512).")
         if not 0 < self.mlm_probability < 1:
             raise ValueError("--mlm_probability must be between 0 and 1 (BERT uses 0.15).")
+        if self.length_buckets < 1:
+            raise ValueError("--length_buckets must be at least 1 (1: one forward pass per batch).")
+        if self.length_buckets > 1 and self.alignment == "word":
+            raise ValueError("--length_buckets applies to --alignment sentence only; drop it for --alignment word.")
 
     @property
     def weights(self) -> dict[str, float]:
@@ -332,6 +373,8 @@ class RealignArguments:
 
 
 LOSS_TERMS = ("sentence", "word", "mlm")
+SAME_MEANING_TREATMENTS = ("positive", "ignore", "negative")
+DEFAULT_SAME_MEANING = "positive"
 DEFAULT_LOSS_WEIGHTS = {"sentence": 1.0, "word": 0.0, "mlm": 0.0}
 ALIGNERS = ("eflomal",)
 
@@ -378,19 +421,43 @@ def contrastive_alignment_loss(
     all_src_embeddings: torch.Tensor | None = None,
     all_tgt_embeddings: torch.Tensor | None = None,
     rank: int = 0,
+    meaning_keys: torch.Tensor | None = None,
+    all_meaning_keys: torch.Tensor | None = None,
+    same_meaning: str = "positive",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Symmetric in-batch contrastive loss between the two sides of N translation pairs.
 
     Every sentence of the batch, in either language, is a query; its translation is the positive and the other
-    2N − 2 sentences (both languages) are the negatives. Similarities are cosines divided by the temperature, the
-    query's similarity with itself is masked out, and the loss is the cross-entropy of picking the positive, averaged
-    over the 2N queries. This is the loss the paper (Eq. 1) describes and the reference code minimises: Eq. 1 as
-    printed lacks the minus sign and leaves the positive out of the denominator.
+    sentences (both languages) are the negatives. Similarities are cosines divided by the temperature, the query's
+    similarity with itself is masked out, and the loss is the cross-entropy of picking the positive, averaged over
+    the 2N queries. This is the loss the paper (Eq. 1) describes and the reference code minimises: Eq. 1 as printed
+    lacks the minus sign and leaves the positive out of the denominator.
+
+    Multi-way parallel data (UDHR, FLORES, Tatoeba, the Bible; short OPUS sentences) puts translations of one
+    English sentence into several pairs of a batch. `meaning_keys` says which pairs share a meaning, and
+    `same_meaning` what the loss does with a candidate c that shares the query i's meaning (c ≠ i). With s the scaled
+    cosines, p(i) the query's own translation, P(i) every candidate sharing its meaning (p(i) included) and N(i) the
+    candidates of another meaning:
+
+    - ``"negative"``: ignore the keys; every other sentence is a negative, as in the paper and the reference code
+      (``--reference_compat``). ℓ_i = −log( e^{s_{i,p(i)}} / Σ_{c≠i} e^{s_{ic}} ). It pushes apart sentences that
+      mean the same: even perfectly language-neutral embeddings keep a loss of about log |P(i)|.
+    - ``"ignore"``: leave same-meaning candidates out of the denominator.
+      ℓ_i = −log( e^{s_{i,p(i)}} / (e^{s_{i,p(i)}} + Σ_{c∈N(i)} e^{s_{ic}}) ).
+    - ``"positive"``: every same-meaning sentence, in either language, is a positive, each contrasted with the
+      negatives alone: ℓ_i = 1/|P(i)| Σ_{c∈P(i)} −log( e^{s_{ic}} / (e^{s_{ic}} + Σ_{n∈N(i)} e^{s_{in}}) ).
+      This is pytorch-metric-learning's ``NTXentLoss`` with the meaning keys as labels (it averages over all
+      positive pairs; here over a query's positives, then over queries, so each sentence weighs the same). The
+      supervised contrastive loss (SupCon, L_out) differs in keeping the other positives in each denominator, so its
+      minimum is log |P(i)| > 0 even for language-neutral embeddings.
+
+    Without repeated meanings in the batch (P(i) = {p(i)}) the three are the same loss: NT-Xent.
 
     Also known as: InfoNCE or NT-Xent with in-batch negatives (SimCLR's loss applied to translation pairs); "strong
     alignment" in Gaschi et al. (2023). sentence-transformers' MultipleNegativesRankingLoss is the one-directional
-    variant whose negatives are the other targets only; the companion paper's "cross-lingual negatives only" variant
-    would drop the same-language negatives.
+    variant whose negatives are the other targets only, and avoids repeated meanings at the sampler level instead
+    (its no-duplicates batch sampler); the companion paper's "cross-lingual negatives only" variant would drop the
+    same-language negatives.
 
     Args:
         src_embeddings: (N, d) pooled English sentences.
@@ -400,29 +467,38 @@ def contrastive_alignment_loss(
             negatives (gathered with gradients); `None` for the local batch only.
         all_tgt_embeddings: (W·N, d) likewise for the translations.
         rank: this process's index in the gathered tensors (its pairs are rows rank·N … rank·N + N − 1).
+        meaning_keys: (N,) integer key of each pair's meaning (pairs with equal keys translate the same sentence);
+            `None`: every pair has its own meaning.
+        all_meaning_keys: (W·N,) the keys of every process, given with the gathered embeddings.
+        same_meaning: "positive", "ignore" or "negative", as above.
 
     Returns:
-        The scalar loss and detached statistics: `retrieval_acc` (share of queries whose most similar candidate is
-        their translation), `positive_cosine` and `negative_cosine` (mean cosines).
+        The scalar loss and detached statistics: `retrieval_acc` (share of queries whose most similar candidate
+        shares their meaning: their translation or another one of the same sentence), `positive_cosine` (mean cosine
+        with the translation), `negative_cosine` (mean cosine with candidates of another meaning) and
+        `same_meaning_per_query` (mean number of candidates sharing the query's meaning besides its translation).
 
     References:
         Chen et al. (2020), A Simple Framework for Contrastive Learning of Visual Representations (NT-Xent);
-        Gaschi et al. (2023), Exploring the Relationship between Alignment and Cross-lingual Transfer;
-        the paper, §2 and Appendix A.6.
+        Khosla et al. (2020), Supervised Contrastive Learning; Gaschi et al. (2023), Exploring the Relationship
+        between Alignment and Cross-lingual Transfer; the paper, §2 and Appendix A.6.
 
     Example:
         >>> src, tgt = torch.randn(4, 8), torch.randn(4, 8)
-        >>> loss, stats = contrastive_alignment_loss(src, tgt, temperature=0.1)
+        >>> keys = torch.tensor([7, 7, 8, 9])  # pairs 0 and 1: two translations of one English sentence
+        >>> loss, stats = contrastive_alignment_loss(src, tgt, temperature=0.1, meaning_keys=keys)
         >>> loss.shape, sorted(stats)
-        (torch.Size([]), ['negative_cosine', 'positive_cosine', 'retrieval_acc'])
+        (torch.Size([]), ['negative_cosine', 'positive_cosine', 'retrieval_acc', 'same_meaning_per_query'])
     """
+    if same_meaning not in SAME_MEANING_TREATMENTS:
+        raise ValueError(f"same_meaning must be one of {', '.join(SAME_MEANING_TREATMENTS)}, got {same_meaning!r}.")
     n = src_embeddings.shape[0]
     queries = F.normalize(torch.cat([src_embeddings, tgt_embeddings]), dim=-1)  # (2N, d)
     if all_src_embeddings is None:
-        candidates, total, offset = queries, n, 0
+        candidates, total, offset, candidate_keys = queries, n, 0, meaning_keys
     else:
         candidates = F.normalize(torch.cat([all_src_embeddings, all_tgt_embeddings]), dim=-1)  # (2WN, d)
-        total, offset = all_src_embeddings.shape[0], rank * n
+        total, offset, candidate_keys = all_src_embeddings.shape[0], rank * n, all_meaning_keys
     cosines = queries @ candidates.T  # (2N, 2WN)
     local = torch.arange(n, device=queries.device)
     self_index = torch.cat([offset + local, total + offset + local])  # (2N,)
@@ -432,15 +508,35 @@ def contrastive_alignment_loss(
     self_mask[rows, self_index] = True
     # finfo.min rather than -inf or -1e6: finite in fp16/bf16, and exp() of it is exactly 0.
     logits = (cosines / temperature).masked_fill(self_mask, torch.finfo(cosines.dtype).min)
-    loss = F.cross_entropy(logits, positive_index)
+    if meaning_keys is None:
+        same = torch.zeros_like(self_mask)
+        same[rows, positive_index] = True  # (2N, 2WN): the translation alone
+    else:
+        if candidate_keys is None:
+            raise ValueError("Give all_meaning_keys together with the gathered embeddings.")
+        same = (meaning_keys.repeat(2)[:, None] == candidate_keys.repeat(2)[None, :]) & ~self_mask  # (2N, 2WN)
+    if same_meaning == "negative" or meaning_keys is None:
+        loss = F.cross_entropy(logits, positive_index)
+    elif same_meaning == "ignore":
+        others = same.clone()
+        others[rows, positive_index] = False
+        loss = F.cross_entropy(logits.masked_fill(others, torch.finfo(cosines.dtype).min), positive_index)
+    else:
+        scores = logits.float()  # the log-sum-exp and softplus below in fp32 under fp16/bf16 autocast
+        negatives = torch.logsumexp(scores.masked_fill(same, torch.finfo(torch.float32).min), dim=1)  # (2N,)
+        # −log(e^s / (e^s + Σ_neg e^s_n)) = softplus(logsumexp_neg − s), for every candidate; `where`, not a product,
+        # so that the huge values at masked positions never meet a zero.
+        per_positive = torch.where(same, F.softplus(negatives[:, None] - scores), 0.0)  # (2N, 2WN)
+        loss = (per_positive.sum(dim=1) / same.sum(dim=1)).mean()
     with torch.no_grad():
-        negative_mask = ~self_mask
-        negative_mask[rows, positive_index] = False
+        negative_mask = ~(same | self_mask)
+        nearest = logits.argmax(dim=1)  # (2N,), self excluded
         stats = {
-            "retrieval_acc": (logits.argmax(dim=1) == positive_index).float().mean(),
+            "retrieval_acc": same[rows, nearest].float().mean(),
             "positive_cosine": cosines[rows, positive_index].float().mean(),
             # A masked mean rather than cosines[negative_mask]: boolean indexing would make the GPU wait every step.
-            "negative_cosine": (cosines.float() * negative_mask).sum() / negative_mask.sum(),
+            "negative_cosine": (cosines.float() * negative_mask).sum() / negative_mask.sum().clamp(min=1),
+            "same_meaning_per_query": same.sum(dim=1).float().mean() - 1,
         }
     return loss, stats
 
@@ -684,12 +780,17 @@ def load_parallel(language: lang_registry.Language, data_args: DataArguments, ca
     if data_args.parallel_data_dir is not None:
         train_files = find_local_parallel_file(data_args.parallel_data_dir, language)
         train_ds = datasets.Dataset.from_dict(read_local_parallel(train_files))
+        if train_files[0].parent != Path(data_args.parallel_data_dir):
+            # OPUS-100's own layout (en-xx/train-*.parquet): its validation split is held out, as from the Hub.
+            with contextlib.suppress(FileNotFoundError):
+                eval_files = find_local_parallel_file(data_args.parallel_data_dir, language, split="validation")
+                eval_ds = datasets.Dataset.from_dict(read_local_parallel(eval_files))
     else:
         splits = load_hub_parallel(language, cache_dir)
         train_ds = splits["train"]
         eval_ds = splits.get("validation")
     if data_args.eval_parallel_data_dir is not None:
-        eval_files = find_local_parallel_file(data_args.eval_parallel_data_dir, language)
+        eval_files = find_local_parallel_file(data_args.eval_parallel_data_dir, language, split="validation")
         eval_ds = datasets.Dataset.from_dict(read_local_parallel(eval_files))
     elif data_args.validation_pairs_per_language > 0:
         if len(train_ds) <= data_args.validation_pairs_per_language:
@@ -702,6 +803,17 @@ def load_parallel(language: lang_registry.Language, data_args: DataArguments, ca
         # The split is drawn afresh from the same files: key its cache by them and the split's role.
         eval_files = train_files
     return {"train": train_ds, "eval": eval_ds, "train_files": train_files, "eval_files": eval_files}
+
+
+def meaning_key(english: str, identifier: str | None = None) -> int:
+    """A 64-bit key of what a pair means: its explicit `id` when the data gives one, else its English text (Unicode
+    NFC, runs of whitespace collapsed, case kept), so that translations of one English sentence into several
+    languages share a key. Explicit ids and English texts never collide with each other."""
+    if identifier is not None:
+        text = "id\0" + identifier
+    else:
+        text = "en\0" + unicodedata.normalize("NFC", " ".join(english.split()))
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def tokenize_pairs(
@@ -717,6 +829,8 @@ def tokenize_pairs(
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Filter and tokenise one language's pairs once (cached); returns the dataset and per-reason drop counts.
 
+    Every pair gets a `meaning_key` (see `meaning_key`; from the `id` column when there is one). Pairs with a side
+    that holds no token to pool (nothing but special tokens) are dropped: they would reach the loss as zero vectors.
     Extra columns are built only when a loss needs them: `word_spans` (from the `word_links` column that
     `add_word_links` adds) for --alignment word, and `pair_input_ids` (the two sides encoded as one sequence) for the
     'word' loss. `alignment_digest` identifies the word alignments, so that cached tokenisations follow them.
@@ -729,12 +843,16 @@ def tokenize_pairs(
     if word_mode and "word_links" not in dataset.column_names:
         raise ValueError("--alignment word: the pairs carry no word alignments (call add_word_links first).")
     skip_ids = set(tokenizer.all_special_ids) | ({_standalone_space_id(tokenizer, quiet=True)} - {None})
+    not_pooled = set(pooling_special_ids(tokenizer).tolist()) | ({space_id} - {None})
+    with_ids = "id" in dataset.column_names
 
     def is_usable(batch):
         return [bool(s.strip()) and bool(t.strip()) and s.strip() != t.strip() for s, t in zip(batch["src"], batch["tgt"])]
 
     def tokenize(batch):
-        out = {}
+        ids_column = batch["id"] if with_ids else [None] * len(batch["src"])
+        out = {"meaning_key": [meaning_key(text, key) for text, key in zip(batch["src"], ids_column)]}
+        content = None
         spans = {}
         for side in ("src", "tgt"):
             if word_mode:
@@ -747,6 +865,8 @@ def tokenize_pairs(
             if space_id is not None:
                 ids = [[t for t in seq if t != space_id] for seq in ids]
             out[f"{side}_length"] = [len(seq) for seq in ids]
+            counts = [sum(t not in not_pooled for t in seq) for seq in ids]
+            content = counts if content is None else [min(a, b) for a, b in zip(content, counts)]
             if word_mode:
                 # Words cut off by --overlong truncate lose their span (the last position holds </s> / [SEP]).
                 spans[side] = [
@@ -765,6 +885,7 @@ def tokenize_pairs(
             ]
         if pair_mode:
             out.update(_tokenize_concatenated_pairs(tokenizer, batch["src"], batch["tgt"], 2 * max_len, space_id))
+        out["content_tokens"] = content
         return out
 
     extra_key = (["word", alignment_digest] if word_mode else []) + (["pair_inputs"] if pair_mode else [])
@@ -774,7 +895,7 @@ def tokenize_pairs(
     usable = dataset.filter(is_usable, batched=True, desc=f"Filtering {desc}", **cache_kwargs.get("filter", {}))
     n_unusable = n_raw - len(usable)
     if len(usable) == 0:
-        return usable, {"raw": n_raw, "empty_or_identical": n_unusable, "overlong": 0, "kept": 0}
+        return usable, {"raw": n_raw, "empty_or_identical": n_unusable, "no_text_tokens": 0, "overlong": 0, "kept": 0}
     tokenized = usable.map(
         tokenize,
         batched=True,
@@ -784,6 +905,14 @@ def tokenize_pairs(
         desc=f"Tokenizing {desc}",
         **cache_kwargs.get("map", {}),
     )
+    before = len(tokenized)
+    tokenized = tokenized.filter(
+        lambda batch: [n > 0 for n in batch["content_tokens"]],
+        batched=True,
+        desc=f"Dropping {desc} without text tokens",
+        **cache_kwargs.get("content", {}),
+    )
+    n_no_text = before - len(tokenized)
     n_overlong = 0
     if data_args.overlong == "drop":
         before = len(tokenized)
@@ -794,11 +923,14 @@ def tokenize_pairs(
             **cache_kwargs.get("overlong", {}),
         )
         n_overlong = before - len(tokenized)
-    tokenized = tokenized.remove_columns(["src_length", "tgt_length"])
-    counts = {"raw": n_raw, "empty_or_identical": n_unusable, "overlong": n_overlong, "kept": len(tokenized)}
+    tokenized = tokenized.remove_columns(["src_length", "tgt_length", "content_tokens"])
+    counts = {
+        "raw": n_raw, "empty_or_identical": n_unusable, "no_text_tokens": n_no_text, "overlong": n_overlong,
+        "kept": len(tokenized),
+    }
     logger.info(
-        "%s: %d pairs kept of %d (dropped %d empty or identical, %d %s)",
-        desc, counts["kept"], n_raw, n_unusable, n_overlong,
+        "%s: %d pairs kept of %d (dropped %d empty or identical, %d without text tokens, %d %s)",
+        desc, counts["kept"], n_raw, n_unusable, n_no_text, n_overlong,
         f"longer than {max_len} tokens" if data_args.overlong == "drop" else "over-long (truncated, not dropped)",
     )
     return tokenized, counts
@@ -811,6 +943,10 @@ def _standalone_space_id(tokenizer, quiet: bool = False) -> int | None:
             logger.warning("--strip_sentencepiece_space: the tokenizer has no stand-alone '▁' token; nothing to strip.")
         return None
     return token_id
+
+
+# Bumped whenever tokenize_pairs' output columns change, so that caches of an older layout are not read back.
+TOKENIZED_FORMAT = 2
 
 
 def _tokenized_cache_kwargs(files, language, tokenizer, data_args, realign_args, cache_dir, desc, extra_key=None) -> dict:
@@ -828,7 +964,7 @@ def _tokenized_cache_kwargs(files, language, tokenizer, data_args, realign_args,
         [
             language, desc, tokenizer.name_or_path, len(tokenizer), data_args.max_seq_length, data_args.overlong,
             realign_args.strip_sentencepiece_space, data_args.validation_pairs_per_language, transformers.__version__,
-            *(extra_key or []),
+            TOKENIZED_FORMAT, *(extra_key or []),
         ]
     )
     digest.update(key.encode())
@@ -837,6 +973,7 @@ def _tokenized_cache_kwargs(files, language, tokenizer, data_args, realign_args,
     return {
         "filter": {"cache_file_name": str(root / "usable.arrow")},
         "map": {"cache_file_name": str(root / "tokenized.arrow")},
+        "content": {"cache_file_name": str(root / "with_content.arrow")},
         "overlong": {"cache_file_name": str(root / "not_overlong.arrow")},
     }
 
@@ -1133,7 +1270,8 @@ def language_probabilities(sizes: np.ndarray, strategy: str, temperature: float)
 
 @dataclass
 class PairCollator:
-    """Stack both sides of N pairs into one (2N, L) batch, English rows first, padded to the longest sentence.
+    """Stack both sides of N pairs into one (2N, L) batch, English rows first, padded to the longest sentence; with
+    each pair's `meaning_key` (N,) when the features have one.
 
     One forward pass over 2N rows is cheaper than two over N, and padding both sides to a common length costs little
     since translations have similar lengths.
@@ -1153,12 +1291,15 @@ class PairCollator:
         input_ids[attention_mask] = np.concatenate(sequences)  # row-major: each row's tokens land left-aligned
         attention_mask = attention_mask.astype(np.int64)
         n_words = [f["src_n_words"] for f in features] + [f["tgt_n_words"] for f in features]
-        return {
+        batch = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(attention_mask),
             "n_words": torch.tensor(n_words, dtype=torch.long),
             "lang_id": torch.tensor([f["lang_id"] for f in features], dtype=torch.long),
         }
+        if "meaning_key" in features[0]:
+            batch["meaning_key"] = torch.tensor([f["meaning_key"] for f in features], dtype=torch.long)
+        return batch
 
 
 @dataclass
@@ -1299,10 +1440,11 @@ class RealignTrainer(Trainer):
         self.sampling_probs = sampling_probs
         tokenizer = self.processing_class
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        self.pooling_ids = pooling_special_ids(tokenizer)
         # Statistics stay detached tensors until logging: an .item() per step would make the GPU wait every step.
         self._train_stats: dict[str, list[torch.Tensor | float]] = defaultdict(list)
         self._unwrapped: tuple[Any, Any] = (None, None)
-        self._special_ids_by_device: dict[torch.device, torch.Tensor] = {}
+        self._special_ids_by_device: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self._non_embedding_params: int | None = None
         self._final_save = False
         self.loss_weights = realign_args.weights
@@ -1324,11 +1466,12 @@ class RealignTrainer(Trainer):
             self._unwrapped = (model, self.accelerator.unwrap_model(model))
         return self._unwrapped[1]
 
-    def special_ids_on(self, device: torch.device) -> torch.Tensor:
-        """The special token ids on `device`, copied there once rather than every step."""
-        if device not in self._special_ids_by_device:
-            self._special_ids_by_device[device] = self.special_ids.to(device)
-        return self._special_ids_by_device[device]
+    def special_ids_on(self, device: torch.device, pooling: bool = False) -> torch.Tensor:
+        """The special token ids on `device` (with `pooling`, those that pooling leaves out: `pooling_special_ids`),
+        copied there once rather than every step."""
+        if (device, pooling) not in self._special_ids_by_device:
+            self._special_ids_by_device[device, pooling] = (self.pooling_ids if pooling else self.special_ids).to(device)
+        return self._special_ids_by_device[device, pooling]
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """The Trainer's estimate, 6 × tokens × non-embedding parameters, with the parameter count taken once rather
@@ -1340,10 +1483,30 @@ class RealignTrainer(Trainer):
     # -- representations --------------------------------------------------------------------------------------------
 
     def pool(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_words: torch.Tensor) -> torch.Tensor:
-        """Sentence vectors (B, d) from the configured layer and pooling."""
+        """Sentence vectors (B, d) from the configured layer and pooling.
+
+        With --length_buckets K the rows are sorted by length and encoded in K passes, each padded to its own longest
+        row: each row's vector is the same (padding is masked out of attention), but far fewer padding positions are
+        computed when lengths vary.
+        """
+        buckets = self.realign_args.length_buckets
+        if buckets > 1 and len(input_ids) > 1:
+            order = torch.argsort(attention_mask.sum(dim=1), stable=True)  # (B,), shortest first
+            pooled = [
+                self.pool_rows(model, input_ids[rows], attention_mask[rows], n_words[rows], trim=True)
+                for rows in order.tensor_split(min(buckets, len(order)))
+            ]
+            return torch.cat(pooled)[torch.argsort(order)]  # (B, d), back in batch order
+        return self.pool_rows(model, input_ids, attention_mask, n_words)
+
+    def pool_rows(self, model, input_ids, attention_mask, n_words, trim: bool = False) -> torch.Tensor:
+        """`pool` over one forward pass; `trim` first cuts the padding columns no row of these needs (one host sync)."""
+        if trim:
+            width = int(attention_mask.sum(dim=1).max())
+            input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]  # right-padded rows
         hidden = layer_hidden_states(model, self.realign_args.realign_layer, input_ids, attention_mask)  # (B, L, d)
         if self.realign_args.pooling == "mean":
-            mask = content_token_mask(input_ids, attention_mask, self.special_ids_on(input_ids.device))
+            mask = content_token_mask(input_ids, attention_mask, self.special_ids_on(input_ids.device, pooling=True))
         else:
             # Reference code: the first n_words positions, [CLS]/<s> included, whatever tokens they hold.
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]  # (1, L)
@@ -1382,7 +1545,14 @@ class RealignTrainer(Trainer):
         if len(src) == 0:
             # No aligned word in this batch: no signal, but every trainable parameter in the graph (DDP expects it).
             return (hidden.sum() + src.sum() + tgt.sum()) * 0.0
-        loss, stats = contrastive_alignment_loss(src, tgt, self.realign_args.temperature)
+        keys = None
+        if "meaning_key" in inputs:
+            # Two translations of one English sentence align the same English word (same token span): one meaning.
+            spans = inputs["word_spans"]
+            keys = inputs["meaning_key"][spans[:, 0]] * 1_000_003 + spans[:, 1]  # (P,), int64 arithmetic wraps
+        loss, stats = contrastive_alignment_loss(
+            src, tgt, self.realign_args.temperature, meaning_keys=keys, same_meaning=self.realign_args.same_meaning
+        )
         if model.training:
             for name, value in stats.items():
                 self._train_stats[name].append(value)
@@ -1422,6 +1592,7 @@ class RealignTrainer(Trainer):
         if projection is not None:
             pooled = projection(pooled)  # (2N, 128)
         src, tgt = pooled.chunk(2)  # (N, d) each
+        keys = inputs.get("meaning_key")  # (N,)
         gathered = {}
         if self.realign_args.gather_negatives and self.args.world_size > 1:
             # all_gather from torch.distributed.nn keeps the graph: other processes' vectors get gradients too.
@@ -1432,7 +1603,14 @@ class RealignTrainer(Trainer):
                 "all_tgt_embeddings": torch.cat(all_gather(tgt.contiguous())),
                 "rank": self.args.process_index,
             }
-        loss, stats = contrastive_alignment_loss(src, tgt, self.realign_args.temperature, **gathered)
+            if keys is not None:
+                all_keys = [torch.empty_like(keys) for _ in range(self.args.world_size)]
+                torch.distributed.all_gather(all_keys, keys.contiguous())  # keys need no gradient
+                gathered["all_meaning_keys"] = torch.cat(all_keys)
+        loss, stats = contrastive_alignment_loss(
+            src, tgt, self.realign_args.temperature, meaning_keys=keys, same_meaning=self.realign_args.same_meaning,
+            **gathered,
+        )
         if model.training:
             for name, value in stats.items():
                 self._train_stats[name].append(value)
@@ -1608,6 +1786,9 @@ def parse_realign_args(argv: list[str] | None = None):
     if training_args.world_size > 1:
         # Every process must hold full batches of the same size, or the gathered negatives would not line up.
         training_args.dataloader_drop_last = True
+        if realign_args.length_buckets > 1:
+            # DDP and DeepSpeed expect one forward pass of the wrapped model per backward pass.
+            raise ValueError("--length_buckets needs a single process; drop it under torchrun / accelerate launch.")
     if training_args.ddp_find_unused_parameters is None and (realign_args.weights["mlm"] or realign_args.projection_head):
         # Heads used outside the encoder's forward (MLM, projection) would be taken for unused parameters and then
         # marked ready twice; load_encoder freezes every parameter that gets no gradient, so DDP need not look.
@@ -1634,7 +1815,7 @@ def run_settings(model_args, data_args, realign_args, training_args, codes, subs
         "subset": subset_info["name"],
         "languages": codes,
         **{f"data.{k}": v for k, v in asdict_public(data_args).items() if k not in ("preprocessing_num_workers", "overwrite_cache")},
-        **{f"loss.{k}": v for k, v in asdict_public(realign_args).items()},
+        **{f"loss.{k}": v for k, v in asdict_public(realign_args).items() if k != "length_buckets"},  # speed only
         **{f"training.{k}": getattr(training_args, k) for k in training_keys},
     }
 

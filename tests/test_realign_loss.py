@@ -199,8 +199,9 @@ def test_reference_prefix_pooling_on_crafted_input(tiny_xlmr):
 
     class Stub:
         processing_class = tokenizer
+        pool_rows = run_realign.RealignTrainer.pool_rows
 
-        def special_ids_on(self, device):
+        def special_ids_on(self, device, pooling=False):
             return self.special_ids
 
     for pooling, expected in (("reference_prefix", hidden[:5].mean(0)), ("mean", hidden[1:-1].mean(0))):
@@ -228,3 +229,36 @@ def test_standalone_space_is_stripped(tiny_xlmr):
     assert space in kept[0]["src_input_ids"]
     assert space not in stripped[0]["src_input_ids"]
     assert len(stripped[0]["src_input_ids"]) < len(kept[0]["src_input_ids"])
+
+
+def test_length_buckets_pool_the_same_vectors(tiny_bert):
+    """--length_buckets encodes rows of similar length together: each pooled vector is the one of a single pass."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = AutoModel.from_pretrained(tiny_bert).eval()
+    texts = ["The child reads a book in the garden every morning.", "A book.", "The child.", "Reads.", "The garden."]
+    features = [
+        {"src_input_ids": tokenizer(a)["input_ids"], "tgt_input_ids": tokenizer(b)["input_ids"], "src_n_words": 2,
+         "tgt_n_words": 2, "lang_id": 0}
+        for a, b in zip(texts, texts[::-1])
+    ]
+    batch = PairCollator(tokenizer.pad_token_id)(features)
+
+    class Stub:
+        pool_rows = run_realign.RealignTrainer.pool_rows
+
+        def special_ids_on(self, device, pooling=False):
+            return run_realign.pooling_special_ids(tokenizer)
+
+    pooled = {}
+    for buckets in (1, 3, 20):
+        trainer = Stub()
+        trainer.realign_args = run_realign.RealignArguments(length_buckets=buckets)
+        pooled[buckets] = run_realign.RealignTrainer.pool(
+            trainer, model, batch["input_ids"], batch["attention_mask"], batch["n_words"]
+        )
+    assert pooled[1].shape == (10, model.config.hidden_size)
+    assert torch.allclose(pooled[3], pooled[1], atol=1e-5) and torch.allclose(pooled[20], pooled[1], atol=1e-5)
+    with pytest.raises(ValueError, match="--length_buckets must be at least 1"):
+        run_realign.RealignArguments(length_buckets=0)

@@ -98,7 +98,7 @@ def test_default_path_has_no_word_columns(tiny_bert, tmp_path):
     tokenized, _ = run_realign.tokenize_pairs(
         data, "fra", tokenizer, run_realign.DataArguments(languages="fra"), args, str(tmp_path), "x"
     )
-    assert sorted(tokenized.column_names) == ["src_input_ids", "src_n_words", "tgt_input_ids", "tgt_n_words"]
+    assert sorted(tokenized.column_names) == ["meaning_key", "src_input_ids", "src_n_words", "tgt_input_ids", "tgt_n_words"]
     assert type(run_realign.make_collator(tokenizer, args, None)) is PairCollator
     word = run_realign.RealignArguments(alignment="word")
     assert isinstance(run_realign.make_collator(tokenizer, word, None), RealignCollator)
