@@ -32,6 +32,7 @@ from realign_utils import (  # noqa: E402
     center,
     content_token_mask,
     masked_mean_pool,
+    pooling_special_ids,
     retrieval_precision_at_1,
     write_json_atomic,
 )
@@ -87,17 +88,24 @@ class Embedder:
     """Masked-mean sentence vectors of the last layer (the pooling realignment trains), cached by text."""
 
     def __init__(self, model_path: str, max_length: int, batch_size: int):
+        self.name = Path(model_path).name
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModel.from_pretrained(model_path).eval()
-        self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)))
+        self.special_ids = pooling_special_ids(self.tokenizer)
         self.max_length = max_length
         self.batch_size = batch_size
         self.cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        missing = sorted({t for t in texts if t not in self.cache}, key=len)  # length-sorted: less padding
-        for start in range(0, len(missing), self.batch_size):
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if not missing:
+            return torch.stack([self.cache[t] for t in texts])
+        # Sorted by token count, so that each batch pads to a length close to its own: give all texts in one call.
+        lengths = [len(ids) for ids in self.tokenizer(missing, truncation=True, max_length=self.max_length)["input_ids"]]
+        missing = [missing[i] for i in sorted(range(len(missing)), key=lengths.__getitem__)]
+        batches = range(0, len(missing), self.batch_size)
+        for start in tqdm(batches, desc=f"Embedding with {self.name}", disable=len(batches) < 2):
             chunk = missing[start : start + self.batch_size]
             batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
             hidden = self.model(**batch).last_hidden_state  # (B, L, d)
@@ -120,9 +128,12 @@ def score_language(embed: Embedder, english: list[str], other: list[str]) -> dic
 def evaluate_model(model_path: str, units: dict, args) -> dict[str, dict[str, dict[str, float]]]:
     """scores[level][lang] = {en2xx, xx2en, en2xx_centered, xx2en_centered} for one model."""
     embed = Embedder(model_path, args.max_length, args.batch_size)
+    texts = [text for level in LEVELS for english, other in units[level].values() for text in (*english, *other)]
+    logger.info("Embedding %d held-out texts with %s", len(set(texts)), model_path)
+    embed(texts)  # every level and language in one length-sorted pass; the scores below read the cache
     scores: dict[str, dict] = {level: {} for level in LEVELS}
     for level in LEVELS:
-        for code in tqdm(sorted(units[level]), desc=f"{Path(model_path).name} {level}"):
+        for code in sorted(units[level]):
             english, other = units[level][code]
             scores[level][code] = score_language(embed, english, other)
     return scores
