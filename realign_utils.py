@@ -525,25 +525,48 @@ def parse_revisions(spec: str | None, sources: Iterable[str]) -> dict[str, str]:
     return revisions
 
 
+class MissingLocalSplit(FileNotFoundError):
+    """No local file under `--data_dir` for one (source, config, split); `expected` says what was looked for."""
+
+    def __init__(self, message: str, expected: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+
+
+# The repositories the datasets come from call the validation split `dev` (UD, MasakhaPOS / MasakhaNER, SIB-200).
+SPLIT_FILE_ALIASES = {"validation": ("dev",)}
+
+
 def find_local_split(data_dir: str, source: str, config: str, split: str, extensions: Iterable[str]) -> Path:
     """The local file of one split: `data_dir/<source>/<config>/<split>.<ext>`, or a folder `<split>/` of parquet shards.
 
     The folder form is the layout of a Hub `refs/convert/parquet` branch, so a downloaded snapshot can be used as is.
+    With `.conllu` among `extensions`, a UD treebank's own file name `<treebank>-ud-<split>.conllu` (e.g.
+    `fr_gsd-ud-test.conllu`) is found too, and `validation` is also looked for as `dev` (the repositories' name).
+    Raises `MissingLocalSplit` when there is none, `ValueError` when there are several.
     """
     folder = Path(data_dir) / source / config
     extensions = tuple(extensions)
-    found = [folder / f"{split}{ext}" for ext in extensions if (folder / f"{split}{ext}").is_file()]
-    if (folder / split).is_dir() and any((folder / split).glob("*.parquet")):
-        found.append(folder / split)
+    names = (split, *SPLIT_FILE_ALIASES.get(split, ()))
+    found = [folder / f"{name}{ext}" for name in names for ext in extensions if (folder / f"{name}{ext}").is_file()]
+    found += [folder / name for name in names if (folder / name).is_dir() and any((folder / name).glob("*.parquet"))]
+    if ".conllu" in extensions:
+        found += sorted(p for name in names for p in folder.glob(f"*-ud-{name}.conllu") if p.is_file())
     if not found:
-        raise FileNotFoundError(
-            f"No local {source} file for config {config!r}, split {split!r}: expected {folder}/{split}"
-            f"{{{','.join(extensions)}}} or a folder {folder / split}/ of parquet files (layout: "
-            "--data_dir/<source>/<config>/<split>.<ext>). Add the file, or, for an evaluation language, leave it out "
-            "with --eval_languages / --eval_sources."
+        expected = f"{folder}/{split}{{{','.join(extensions)}}}"
+        raise MissingLocalSplit(
+            f"No local {source} file for config {config!r}, split {split!r}: expected {expected} or a folder "
+            f"{folder / split}/ of parquet files (layout: --data_dir/<source>/<config>/<split>.<ext>). Add the file, "
+            "or, for an evaluation language, leave it out with --eval_languages / --eval_sources.",
+            expected,
         )
     if len(found) > 1:
-        raise ValueError(f"{folder} holds several files for split {split!r} ({', '.join(p.name for p in found)}); keep one.")
+        hint = ""
+        if all(p.suffix == ".conllu" for p in found):
+            hint = f" To evaluate several treebanks together, concatenate them: cat {' '.join(p.name for p in found)} > {split}.conllu."
+        raise ValueError(
+            f"{folder} holds several files for split {split!r} ({', '.join(p.name for p in found)}); keep one.{hint}"
+        )
     return found[0]
 
 
@@ -573,25 +596,52 @@ def read_local_table(path: Path, cache_dir: str | None = None):
 
 
 def _read_tsv(path: Path):
-    """A TSV file with a header line, read field by field (no quoting, every value a string except integer labels)."""
+    """A TSV file with a header line, read field by field (no quoting, every value a string except integer labels).
+
+    A UTF-8 byte-order mark before the header is dropped; undecodable bytes are an error naming the line.
+    """
     import datasets
 
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if not header:
-            raise ValueError(f"{path}: empty file; a TSV file needs a header line with the column names.")
-        columns: dict[str, list[Any]] = {name: [] for name in header}
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}:{lineno}: {len(row)} fields, but the header has {len(header)} ({header}).")
-            for name, value in zip(header, row):
-                columns[name].append(value)
+    columns: dict[str, list[Any]] = {}
+    header: list[str] | None = None
+    for lineno, line in read_text_lines(path):
+        if header is None:
+            header = line.split("\t")
+            if not line.strip():
+                raise ValueError(f"{path}: empty file; a TSV file needs a header line with the column names.")
+            columns = {name: [] for name in header}
+            continue
+        if not line:
+            continue
+        row = line.split("\t")
+        if len(row) != len(header):
+            raise ValueError(f"{path}:{lineno}: {len(row)} fields, but the header has {len(header)} ({header}).")
+        for name, value in zip(header, row):
+            columns[name].append(value)
+    if header is None:
+        raise ValueError(f"{path}: empty file; a TSV file needs a header line with the column names.")
     if "label" in columns and all(value.lstrip("-").isdigit() for value in columns["label"]):
         columns["label"] = [int(value) for value in columns["label"]]
     return datasets.Dataset.from_dict(columns)
+
+
+def read_text_lines(path: Path):
+    """Yield (line number, line) of a UTF-8 text file, split on \\n only, without the line end (\\r\\n too).
+
+    A byte-order mark at the start is dropped; bytes that are not UTF-8 raise `ValueError` naming the file and line.
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start} of the line). Convert the "
+                    "file to UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+                ) from err
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            yield lineno, line.removesuffix("\n").removesuffix("\r")
 
 
 def load_hub_split(

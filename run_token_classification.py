@@ -57,6 +57,7 @@ from realign_utils import (
     parse_args,
     parse_revisions,
     read_local_table,
+    read_text_lines,
     require_columns,
     resolve_eval_languages,
     setup_logging,
@@ -221,8 +222,9 @@ class DataArguments:
             "e.g. DIR/wikiann/yo/test.parquet or DIR/masakhaner/yor/test/0000.parquet (a parquet-branch folder). "
             "Formats: .parquet, .jsonl or .json with the Hub's columns (tokens and pos_tags / upos / ner_tags; labels "
             "as ClassLabel ids, tag names, or integers in the Hub's order); .conllu for UD sources (FORM and UPOS; "
-            "multi-word token lines 1-2 and empty nodes 1.1 are dropped); .txt for MasakhaPOS / MasakhaNER (one "
-            "'token TAG' per line, a blank line between sentences, as in their GitHub repositories)."
+            "multi-word token lines 1-2 and empty nodes 1.1 are dropped; a treebank's own file name is found too, "
+            "e.g. DIR/udpos/fr/fr_gsd-ud-test.conllu); .txt for MasakhaPOS / MasakhaNER (one 'token TAG' per line, a "
+            "blank line between sentences: their GitHub repositories' data/<lang>/test.txt as they are)."
         },
     )
     dataset_revisions: str | None = field(
@@ -337,47 +339,60 @@ def resolve_targets(data_args: DataArguments, seed: int) -> list[EvalTarget]:
 
 
 def read_conllu(path: Path, label_column: str) -> datasets.Dataset:
-    """Read the FORM and UPOS columns of a CoNLL-U file, dropping multi-word token lines (1-2) and empty nodes (1.1)."""
+    """Read the FORM and UPOS columns of a CoNLL-U file, dropping multi-word token lines (1-2) and empty nodes (1.1).
+
+    Lines are split on tabs only, so a FORM holding a space (UD Vietnamese 'Hà Nội', French '2 001') stays one word.
+    Sentences end at blank (or whitespace-only) lines; comment-only sentences are dropped; a byte-order mark and
+    CRLF line ends are accepted.
+    """
     sentences, tokens, tags = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                if tokens:
-                    sentences.append((tokens, tags))
-                tokens, tags = [], []
-                continue
-            if line.startswith("#"):
-                continue
-            fields = line.split("\t")
-            if len(fields) != 10:
-                raise ValueError(f"{path}:{lineno}: {len(fields)} tab-separated fields; CoNLL-U lines have 10.")
-            if "-" in fields[0] or "." in fields[0]:
-                continue  # multi-word token range or empty node: not a word of the sentence
-            tokens.append(fields[1])
-            tags.append(fields[3])
+    for lineno, line in read_text_lines(path):
+        if not line.strip():
+            if tokens:
+                sentences.append((tokens, tags))
+            tokens, tags = [], []
+            continue
+        if line.startswith("#"):
+            continue
+        fields = line.split("\t")
+        if len(fields) != 10:
+            raise ValueError(f"{path}:{lineno}: {len(fields)} tab-separated fields; CoNLL-U lines have 10.")
+        if "-" in fields[0] or "." in fields[0]:
+            continue  # multi-word token range or empty node: not a word of the sentence
+        tokens.append(fields[1])
+        tags.append(fields[3])
     if tokens:
         sentences.append((tokens, tags))
     return datasets.Dataset.from_dict({"tokens": [s[0] for s in sentences], label_column: [s[1] for s in sentences]})
 
 
 def read_token_tag_lines(path: Path, label_column: str) -> datasets.Dataset:
-    """Read the MasakhaPOS / MasakhaNER raw format: one 'token TAG' per line, a blank line between sentences."""
-    sentences, tokens, tags = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            parts = line.split()
-            if not parts:
-                if tokens:
-                    sentences.append((tokens, tags))
-                tokens, tags = [], []
+    """Read the MasakhaPOS / MasakhaNER raw format: one 'token TAG' per line, a blank line between sentences.
+
+    The tag is the last whitespace-separated field and the token everything before it (spaces or a tab between
+    them; a token may hold a space). A line with a tag but no token (MasakhaNER 2.0's xho train has two) is left
+    out, with one warning naming its lines.
+    """
+    sentences, tokens, tags, tokenless = [], [], [], []
+    for lineno, line in read_text_lines(path):
+        parts = line.split()
+        if not parts:
+            if tokens:
+                sentences.append((tokens, tags))
+            tokens, tags = [], []
+            continue
+        if len(parts) == 1:
+            if line[:1].isspace():
+                tokenless.append(lineno)
                 continue
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 'token TAG' (two fields), got {line.strip()!r}.")
-            tokens.append(parts[0])
-            tags.append(parts[1])
+            raise ValueError(f"{path}:{lineno}: expected 'token TAG' (two fields), got {line.strip()!r}.")
+        tokens.append(line.strip()[: -len(parts[-1])].strip())
+        tags.append(parts[-1])
     if tokens:
         sentences.append((tokens, tags))
+    if tokenless:
+        logger.warning("%s: %d line(s) hold a tag but no token, left out: line %s", path, len(tokenless),
+                       ", ".join(map(str, tokenless[:20])) + (", ..." if len(tokenless) > 20 else ""))
     return datasets.Dataset.from_dict(
         {"id": [str(i) for i in range(len(sentences))], "tokens": [s[0] for s in sentences],
          label_column: [s[1] for s in sentences]}
