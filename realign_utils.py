@@ -570,6 +570,25 @@ def find_local_split(data_dir: str, source: str, config: str, split: str, extens
     return found[0]
 
 
+def log_skipped_local_splits(skipped: list[tuple[EvalTarget, MissingLocalSplit]], data_dir: str) -> None:
+    """One warning listing every (source, language) that `--data_dir` has no file for, and the file looked for."""
+    if skipped:
+        logger.warning(
+            "--data_dir %s has no file for %d (source, language) pair(s), skipped: %s", data_dir, len(skipped),
+            "; ".join(f"{t.source}/{t.language} ({err.expected})" for t, err in skipped),
+        )
+
+
+def require_eval_sets(eval_sets: list, skipped: list[tuple[EvalTarget, MissingLocalSplit]], data_dir: str) -> None:
+    """Refuse a run left with nothing to evaluate because every requested file is absent."""
+    if skipped and not eval_sets:
+        raise ValueError(
+            f"No evaluation file under --data_dir {data_dir} for any requested (source, language): "
+            + "; ".join(f"{t.source}/{t.language} ({err.expected})" for t, err in skipped)
+            + ". Add the files, or choose other --eval_languages / --eval_sources."
+        )
+
+
 def read_local_table(path: Path, cache_dir: str | None = None):
     """Read a parquet file (or folder of shards), JSON lines or a TSV file with a header line into a `Dataset`.
 

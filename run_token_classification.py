@@ -42,6 +42,7 @@ from realign_utils import (
     LOCAL_TABLE_EXTENSIONS,
     EvalSet,
     EvalTarget,
+    MissingLocalSplit,
     append_downstream_results,
     asdict_public,
     check_checkpoint_labels,
@@ -54,11 +55,13 @@ from realign_utils import (
     freeze_encoder,
     labels_to_training_ids,
     load_hub_split,
+    log_skipped_local_splits,
     parse_args,
     parse_revisions,
     read_local_table,
     read_text_lines,
     require_columns,
+    require_eval_sets,
     resolve_eval_languages,
     setup_logging,
     write_downstream_model_card,
@@ -224,7 +227,9 @@ class DataArguments:
             "as ClassLabel ids, tag names, or integers in the Hub's order); .conllu for UD sources (FORM and UPOS; "
             "multi-word token lines 1-2 and empty nodes 1.1 are dropped; a treebank's own file name is found too, "
             "e.g. DIR/udpos/fr/fr_gsd-ud-test.conllu); .txt for MasakhaPOS / MasakhaNER (one 'token TAG' per line, a "
-            "blank line between sentences: their GitHub repositories' data/<lang>/test.txt as they are)."
+            "blank line between sentences: their GitHub repositories' data/<lang>/test.txt as they are). With "
+            "--data_dir, a (source, language) whose file is absent is skipped with one warning listing them all; a "
+            "file that is there but malformed is an error."
         },
     )
     dataset_revisions: str | None = field(
@@ -451,11 +456,19 @@ def load_training_data(data_args: DataArguments, model_args: ModelArguments, do_
 
 
 def load_eval_data(targets, label_list, data_args: DataArguments, model_args: ModelArguments) -> list[EvalSet]:
-    """The raw evaluation sentences of every target, labels rewritten as training label ids (matched by name)."""
-    eval_sets = []
+    """The raw evaluation sentences of every target, labels rewritten as training label ids (matched by name).
+
+    With --data_dir, a target whose file is absent is skipped (one warning lists them all); a file that exists but
+    cannot be read is an error, and so is a run left with nothing to evaluate.
+    """
+    eval_sets, skipped = [], []
     for target in targets:
         source = SOURCES[target.source]
-        dataset, origin = load_split(source, target.config, source.split, data_args, model_args.cache_dir)
+        try:
+            dataset, origin = load_split(source, target.config, source.split, data_args, model_args.cache_dir)
+        except MissingLocalSplit as err:
+            skipped.append((target, err))
+            continue
         dataset = labels_to_training_ids(
             dataset, source.label_column, label_list, origin=origin, declared_names=source.label_names,
             renames=dict(source.label_renames),
@@ -463,6 +476,8 @@ def load_eval_data(targets, label_list, data_args: DataArguments, model_args: Mo
         if data_args.max_eval_samples is not None:
             dataset = dataset.select(range(min(len(dataset), data_args.max_eval_samples)))
         eval_sets.append(EvalSet(target.source, target.language, dataset, origin))
+    log_skipped_local_splits(skipped, data_args.data_dir)
+    require_eval_sets(eval_sets, skipped, data_args.data_dir)
     return eval_sets
 
 

@@ -15,7 +15,11 @@ from fixtures_downstream import (
     NLI_LABELS,
     UDPOS_TAGS,
     WIKIANN_TAGS,
+    nli_rows,
     write_jsonl,
+    write_nli_parquet,
+    write_udpos,
+    write_wikiann,
 )
 
 import realign_utils
@@ -178,3 +182,167 @@ def test_indonli_raw_labels_are_read(tmp_path):
         [realign_utils.EvalTarget("indonli", "ind", "indonli")], list(NLI_LABELS), data_args, model_args
     )
     assert eval_set.dataset["label"] == [0, 1, 2]
+
+
+# -- absent files are skipped, malformed ones are not (--data_dir) --------------------------------------------------
+
+
+def tagging_dir(root: Path) -> Path:
+    write_udpos(root, "udpos", "en", "train", 8, "eng")
+    write_udpos(root, "udpos", "en", "test", 2, "eng")
+    write_udpos(root, "udpos", "fr", "test", 2, "fra")
+    return root
+
+
+def tc_argv(task: str, model: str, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--task",
+        task,
+        "--model_name_or_path",
+        model,
+        "--data_dir",
+        str(data_dir),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--use_cpu",
+        "--cache_dir",
+        str(out.parent / "cache"),
+        "--results_file",
+        "none",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def utils_log():
+    """The records of the realign_utils logger (the scripts' setup_logging replaces the root handlers caplog uses)."""
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    handler = Collect()
+    logging.getLogger("realign_utils").addHandler(handler)
+    yield handler
+    logging.getLogger("realign_utils").removeHandler(handler)
+
+
+def skipped_warnings(log) -> list[str]:
+    return [
+        r.getMessage()
+        for r in log.records
+        if r.levelno == logging.WARNING and "skipped" in r.getMessage() and "--data_dir" in r.getMessage()
+    ]
+
+
+def test_absent_local_files_are_skipped_with_one_warning(tiny_bert, tmp_path, utils_log):
+    """Issue 12: `wol` with no UDPOS wo file (and no MasakhaPOS files at all) used to abort the run."""
+    data = tagging_dir(tmp_path / "data")
+    metrics = rtc.main(tc_argv("pos", tiny_bert, data, tmp_path / "pos", "--eval_languages", "wol,fra,deu"))
+    assert {k for k in metrics if k.endswith("_samples") and k.startswith("eval_")} == {
+        "eval_udpos_eng_samples",
+        "eval_udpos_fra_samples",
+    }
+    (warning,) = skipped_warnings(utils_log)
+    for pair in ("udpos/wol", "udpos/deu", "masakhapos/wol"):
+        assert pair in warning
+    assert "udpos/fra" not in warning and str(data / "udpos" / "wo" / "test") in warning
+
+
+def test_absent_training_file_or_no_evaluation_file_at_all_is_an_error(tiny_bert, tmp_path):
+    data = tagging_dir(tmp_path / "data")
+    (data / "udpos" / "en" / "train.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"No local udpos file for config 'en', split 'train'"):
+        rtc.main(tc_argv("pos", tiny_bert, data, tmp_path / "a", "--eval_languages", "fra"))
+    data = tagging_dir(tmp_path / "data2")
+    for path in (data / "udpos" / "en" / "test.parquet", data / "udpos" / "fr" / "test.parquet"):
+        path.unlink()
+    with pytest.raises(ValueError, match=r"No evaluation file under --data_dir.*udpos/eng.*udpos/fra"):
+        rtc.main(tc_argv("pos", tiny_bert, data, tmp_path / "b", "--eval_languages", "fra"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_malformed_local_file_is_still_an_error(tiny_bert, tmp_path):
+    data = tagging_dir(tmp_path / "data")
+    (data / "udpos" / "wo").mkdir(parents=True)
+    (data / "udpos" / "wo" / "test.conllu").write_text("1\tonly three\tfields\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"wo/test.conllu:1: 3 tab-separated fields"):
+        rtc.main(tc_argv("pos", tiny_bert, data, tmp_path / "pos", "--eval_languages", "wol,fra"))
+
+
+def test_absent_nli_files_are_skipped_with_one_warning(tiny_bert, tmp_path, utils_log):
+    """Issue 12: `fra` pulls afrixnli/fra and `swa` pulls afrixnli/swa; with only XNLI files both used to abort."""
+    data = tmp_path / "data"
+    write_nli_parquet(data / "xnli" / "en" / "train.parquet", nli_rows("eng", 8))
+    write_nli_parquet(data / "xnli" / "en" / "test.parquet", nli_rows("eng", 2))
+    write_nli_parquet(data / "xnli" / "fr" / "test.parquet", nli_rows("fra", 2))
+    argv = [
+        "--model_name_or_path",
+        tiny_bert,
+        "--data_dir",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "nli"),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--use_cpu",
+        "--results_file",
+        "none",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--eval_languages",
+        "fra,swa",
+    ]
+    metrics = run_xnli.main(argv)
+    assert {k for k in metrics if k.endswith("_samples") and k.startswith("eval_")} == {
+        "eval_xnli_eng_samples",
+        "eval_xnli_fra_samples",
+    }
+    (warning,) = skipped_warnings(utils_log)
+    assert "afrixnli/fra" in warning and "afrixnli/swa" in warning and "xnli/swa" in warning
+
+
+def test_ner_absent_masakhaner_language_is_skipped(tiny_bert, tmp_path, utils_log):
+    data = tmp_path / "data"
+    write_wikiann(data, "en", "train", 8)
+    write_wikiann(data, "en", "test", 2)
+    write_wikiann(data, "sw", "test", 2)
+    metrics = rtc.main(tc_argv("ner", tiny_bert, data, tmp_path / "ner", "--eval_languages", "swa"))
+    assert "eval_wikiann_swa_f1" in metrics and "eval_masakhaner_swa_f1" not in metrics
+    (warning,) = skipped_warnings(utils_log)
+    assert "masakhaner/swa" in warning
+
+
+def test_hub_loading_does_not_skip(tiny_bert, tmp_path, monkeypatch):
+    """Without --data_dir nothing is skipped: a Hub config that cannot be read is an error."""
+
+    def missing(hub_id, config, split, **kwargs):
+        raise FileNotFoundError(f"{hub_id} has no config {config}")
+
+    monkeypatch.setattr(rtc, "load_hub_split", missing)
+    with pytest.raises(FileNotFoundError, match="has no config en"):
+        rtc.main(
+            [
+                "--task",
+                "ner",
+                "--model_name_or_path",
+                tiny_bert,
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--use_cpu",
+                "--eval_languages",
+                "swa",
+                "--results_file",
+                "none",
+            ]
+        )
