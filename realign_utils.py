@@ -730,8 +730,9 @@ def labels_to_training_ids(
 
     Label names come from the column's ClassLabel feature; integers without one are read in `declared_names` order
     (the source's documented Hub order); strings are names themselves, passed through `normalize` (e.g. `str.lower`)
-    first. `renames` maps source names to training names before the lookup (MasakhaNER's `B-DATE` → `O`). A name
-    that is not a training label raises `ValueError`: positions are never matched by index across datasets.
+    first. `renames` maps source names to training names before the lookup (MasakhaNER's `B-DATE` → `O`); how many
+    labels each rename changed is logged. A name that is not a training label raises `ValueError`: positions are
+    never matched by index across datasets.
     """
     import datasets
     import numpy as np
@@ -772,6 +773,8 @@ def labels_to_training_ids(
             f"{label_list}{mapped}. Evaluation files must use the label names of the training dataset; a source "
             "with other labels cannot be evaluated with this model."
         )
+    if renames:
+        log_renamed_labels(values, is_list, source_names, renames, origin)
     mapping = {value: targets[name] for value, name in source_names.items()}
     lookup = np.vectorize(mapping.__getitem__, otypes=[np.int64]) if mapping else None
 
@@ -785,6 +788,19 @@ def labels_to_training_ids(
     features = dataset.features.copy()
     features[column] = datasets.List(datasets.Value("int64")) if is_list else datasets.Value("int64")
     return dataset.map(convert, batched=True, features=features, desc=f"Mapping labels of {origin}")
+
+
+def log_renamed_labels(values, is_list: bool, source_names: dict, renames: dict[str, str], origin: str) -> None:
+    """Log how many labels of one file `renames` changed (MasakhaNER's DATE tags becoming O), per renamed name."""
+    import pyarrow.compute as pc
+
+    counts: dict[str, int] = dict.fromkeys(renames, 0)
+    for item in pc.value_counts(pc.list_flatten(values) if is_list else values).to_pylist():
+        name = source_names.get(item["values"])
+        if name in counts:
+            counts[name] += item["counts"]
+    logger.info("%s: %d label(s) mapped: %s", origin, sum(counts.values()),
+                ", ".join(f"{name} -> {renames[name]}: {n}" for name, n in counts.items()))
 
 
 def check_checkpoint_labels(config, label_list: list[str], model_name_or_path: str) -> None:

@@ -17,6 +17,7 @@ from fixtures_downstream import (
     WIKIANN_TAGS,
     nli_rows,
     write_jsonl,
+    write_masakhaner,
     write_nli_parquet,
     write_udpos,
     write_wikiann,
@@ -182,6 +183,19 @@ def test_indonli_raw_labels_are_read(tmp_path):
         [realign_utils.EvalTarget("indonli", "ind", "indonli")], list(NLI_LABELS), data_args, model_args
     )
     assert eval_set.dataset["label"] == [0, 1, 2]
+
+
+def test_masakhaner_date_mapping_is_counted_per_language(tmp_path, caplog):
+    write_masakhaner(tmp_path, "yor", 3)  # sentence 0 holds one B-DATE and one I-DATE
+    write_masakhaner(tmp_path, "hau", 3)  # no DATE
+    with caplog.at_level(logging.INFO, logger="realign_utils"):
+        load_tagging("ner", "masakhaner", "yor", "yor", tmp_path)
+        load_tagging("ner", "masakhaner", "hau", "hau", tmp_path)
+    messages = [r.getMessage() for r in caplog.records if "mapped" in r.getMessage()]
+    assert len(messages) == 2
+    assert "yor" in messages[0] and "2 label(s) mapped" in messages[0] and "B-DATE -> O: 1" in messages[0]
+    assert "I-DATE -> O: 1" in messages[0]
+    assert "hau" in messages[1] and "0 label(s) mapped" in messages[1]
 
 
 # -- absent files are skipped, malformed ones are not (--data_dir) --------------------------------------------------
