@@ -708,6 +708,23 @@ def require_columns(dataset, columns: Iterable[str], origin: str, hint: str = ""
         )
 
 
+def require_equal_lengths(dataset, columns: tuple[str, str], origin: str) -> None:
+    """Fail with the file (or Hub id) and the first example whose list columns (tokens and tags) differ in length."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")[:]
+    lengths = [pc.list_value_length(table[c]).to_numpy(zero_copy_only=False) for c in columns]
+    differing = np.flatnonzero(lengths[0] != lengths[1])
+    if len(differing):
+        row = int(differing[0])
+        named = f" (id {dataset[row]['id']!r})" if "id" in dataset.column_names else ""
+        raise ValueError(
+            f"{origin}: example {row + 1}{named} has {lengths[0][row]} {columns[0]} but {lengths[1][row]} "
+            f"{columns[1]} ({len(differing)} example(s) differ). Every token needs exactly one tag."
+        )
+
+
 def class_label_names(feature) -> list[str] | None:
     """The ClassLabel names of a label feature (a ClassLabel or a list of them), or None for plain values."""
     import datasets

@@ -61,6 +61,7 @@ from realign_utils import (
     read_local_table,
     read_text_lines,
     require_columns,
+    require_equal_lengths,
     require_eval_sets,
     resolve_eval_languages,
     setup_logging,
@@ -436,6 +437,7 @@ def load_split(source: TaggingSource, config: str, split: str, data_args, cache_
     )
     if len(dataset) == 0:
         raise ValueError(f"{origin} holds no sentences.")
+    require_equal_lengths(dataset, ("tokens", source.label_column), origin)
     return dataset, origin
 
 

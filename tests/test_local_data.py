@@ -198,6 +198,26 @@ def test_masakhaner_date_mapping_is_counted_per_language(tmp_path, caplog):
     assert "hau" in messages[1] and "0 label(s) mapped" in messages[1]
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_tokens_and_tags_of_different_length(tmp_path, fmt):
+    """A file whose tag list is shorter (or longer) than its token list: before, an IndexError deep in tokenisation
+    (or silently ignored tags); now an error naming the file and the example."""
+    tokens, tags = [["Kofi", "lives", "here"], ["Ama", "sings"]], [[1, 0, 0], [1]]
+    if fmt == "jsonl":
+        write_jsonl(
+            tmp_path / "wikiann" / "yo" / "test.jsonl", [{"tokens": t, "ner_tags": g} for t, g in zip(tokens, tags)]
+        )
+    else:
+        from datasets import Dataset
+
+        path = tmp_path / "wikiann" / "yo" / "test.parquet"
+        path.parent.mkdir(parents=True)
+        Dataset.from_dict({"id": ["s0", "s1"], "tokens": tokens, "ner_tags": tags}).to_parquet(str(path))
+    expected = r"example 2 \(id 's1'\)" if fmt == "parquet" else r"example 2"
+    with pytest.raises(ValueError, match=rf"yo/test.{fmt}: {expected} has 2 tokens but 1 ner_tags"):
+        load_tagging("ner", "wikiann", "yor", "yo", tmp_path)
+
+
 # -- absent files are skipped, malformed ones are not (--data_dir) --------------------------------------------------
 
 
