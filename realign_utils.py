@@ -563,7 +563,8 @@ def find_local_split(data_dir: str, source: str, config: str, split: str, extens
     if len(found) > 1:
         hint = ""
         if all(p.suffix == ".conllu" for p in found):
-            hint = f" To evaluate several treebanks together, concatenate them: cat {' '.join(p.name for p in found)} > {split}.conllu."
+            names = " ".join(p.name for p in found)
+            hint = f" To evaluate several treebanks together, concatenate them: cat {names} > {split}.conllu."
         raise ValueError(
             f"{folder} holds several files for split {split!r} ({', '.join(p.name for p in found)}); keep one.{hint}"
         )

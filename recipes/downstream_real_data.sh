@@ -13,8 +13,9 @@
 # udpos/en/en_lines-ud-train.conllu), udpos/<config>/test.conllu (udpos/fr/fr_gsd-ud-test.conllu), and
 # masakhapos/<lang>/test.txt as in github.com/masakhane-io/masakhane-pos; languages without a file are skipped.
 # Outputs: OUT_ROOT/<label>/seed<seed>/ (one run_token_classification.py run each, its log beside it; the fine-tuned
-# weights are removed once the run is scored unless KEEP_MODELS=1) and OUT_ROOT/table.md, OUT_ROOT/table.csv. A finished run is skipped when the recipe is run again; a different
-# DATA_DIR, TRAIN_ARGS, EVAL_LANGUAGES or EXTRA_ARGS in the same OUT_ROOT is refused (use a new OUT_ROOT).
+# weights are removed once the run is scored unless KEEP_MODELS=1) and OUT_ROOT/table.md, OUT_ROOT/table.csv.
+# A finished run is skipped when the recipe is run again; a different DATA_DIR, TRAIN_ARGS, EVAL_LANGUAGES or
+# EXTRA_ARGS in the same OUT_ROOT is refused (use a new OUT_ROOT).
 set -euo pipefail
 
 if [ $# -eq 0 ]; then
@@ -34,7 +35,11 @@ EVAL_LANGUAGES=${EVAL_LANGUAGES:-paper}   # every UDPOS + MasakhaPOS language; t
 # 63 steps instead of the paper's thousands, 2e-5 leaves the tagger even less trained. Measured (docs/real_data.md):
 # one run of multilingual-e5-small takes about 20 minutes on 2 busy CPU cores (11.6 s a step), and at 5e-5 English
 # reaches only 61 %: raise --learning_rate or train longer before comparing models.
-TRAIN_ARGS=${TRAIN_ARGS:---max_train_samples 2000 --num_train_epochs 1 --learning_rate 5e-5 --max_seq_length 128 --eval_max_seq_length 512 --max_eval_samples 100 --per_device_train_batch_size 32 --per_device_eval_batch_size 64 --train_sampling_strategy group_by_length --save_steps 100000 --logging_steps 10}
+DEFAULT_TRAIN_ARGS="--max_train_samples 2000 --num_train_epochs 1 --learning_rate 5e-5 --max_seq_length 128"
+DEFAULT_TRAIN_ARGS+=" --eval_max_seq_length 512 --max_eval_samples 100 --per_device_train_batch_size 32"
+DEFAULT_TRAIN_ARGS+=" --per_device_eval_batch_size 64 --train_sampling_strategy group_by_length --save_steps 100000"
+DEFAULT_TRAIN_ARGS+=" --logging_steps 10"
+TRAIN_ARGS=${TRAIN_ARGS:-$DEFAULT_TRAIN_ARGS}
 EXTRA_ARGS=${EXTRA_ARGS:---use_cpu}       # anything else, e.g. "--bf16" on a GPU, or "--max_steps 5" for a test
 KEEP_MODELS=${KEEP_MODELS:-0}             # 1: keep every fine-tuned model (about 470 MB each for e5-small)
 
@@ -86,7 +91,8 @@ for i in "${!labels[@]}"; do
     echo "+ $label seed $seed -> $run_dir"
     start=$(date +%s)
     "$PYTHON" "$ROOT/run_token_classification.py" --task pos --model_name_or_path "$model" --data_dir "$DATA_DIR" \
-      --eval_languages "$EVAL_LANGUAGES" --seed "$seed" --output_dir "$run_dir" --results_file "$OUT_ROOT/results.csv" \
+      --eval_languages "$EVAL_LANGUAGES" --seed "$seed" --output_dir "$run_dir" \
+      --results_file "$OUT_ROOT/results.csv" \
       "${train_args[@]}" "${extra_args[@]}" > "$run_dir.log" 2>&1 || {
         echo "$label seed $seed failed; the end of $run_dir.log:" >&2; tail -n 30 "$run_dir.log" >&2; exit 1; }
     echo "  done in $(( $(date +%s) - start )) s"

@@ -41,7 +41,7 @@ def load_tagging(task: str, source: str, language: str, config: str, data_dir: P
     return rtc.load_eval_data([realign_utils.EvalTarget(source, language, config)], labels, data_args, model_args)
 
 
-# -- where the files are ------------------------------------------------------------------------------------------------
+# -- where the files are ----------------------------------------------------------------------------------------------
 
 
 def test_ud_and_dev_file_names_are_found(tmp_path):
@@ -74,7 +74,7 @@ def test_ud_and_dev_file_names_are_found(tmp_path):
     assert isinstance(err.value, FileNotFoundError) and err.value.expected.endswith("udpos/de/test{.parquet,.conllu}")
 
 
-# -- CoNLL-U -------------------------------------------------------------------------------------------------------------
+# -- CoNLL-U ----------------------------------------------------------------------------------------------------------
 
 
 def test_conllu_quirks(tmp_path):
@@ -128,7 +128,7 @@ def test_a_word_holding_a_space_is_labelled_once(tiny_xlmr):
     assert out["unscored_words"] == [0]
 
 
-# -- MasakhaPOS / MasakhaNER "token TAG" text ---------------------------------------------------------------------------
+# -- MasakhaPOS / MasakhaNER "token TAG" text -------------------------------------------------------------------------
 
 
 def test_token_tag_text_quirks(tmp_path, caplog):
@@ -170,7 +170,7 @@ def test_tsv_byte_order_mark_and_invalid_utf8(tmp_path):
         realign_utils.read_local_table(path)
 
 
-# -- labels ---------------------------------------------------------------------------------------------------------------
+# -- labels -----------------------------------------------------------------------------------------------------------
 
 
 def test_indonli_raw_labels_are_read(tmp_path):

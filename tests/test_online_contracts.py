@@ -67,7 +67,7 @@ def github():
         pytest.skip(f"GitHub not reachable, the MasakhaPOS raw files are not checked: {reason}")
 
 
-# -- reading the Hub as the scripts do ---------------------------------------------------------------------------------
+# -- reading the Hub as the scripts do --------------------------------------------------------------------------------
 
 
 def first_rows(hub_id: str, config: str | None, split: str, revision: str | None = None):
@@ -169,7 +169,7 @@ def masakhapos_script_names(script: str) -> list[str]:
     return re.findall(r"[\"']([A-Z]+)[\"']", match.group(1)) if match else []
 
 
-# -- online: token classification --------------------------------------------------------------------------------------
+# -- online: token classification -------------------------------------------------------------------------------------
 
 
 @online
@@ -237,7 +237,7 @@ def test_masakhapos_raw_files_and_script_label_order(hub, github):
     assert not problems, "\n".join(problems)
 
 
-# -- online: sentence classification -----------------------------------------------------------------------------------
+# -- online: sentence classification ----------------------------------------------------------------------------------
 
 
 @online
@@ -293,7 +293,7 @@ def test_sib200(hub):
     assert not problems, "\n".join(problems)
 
 
-# -- online: realignment and diagnostics data ----------------------------------------------------------------------------
+# -- online: realignment and diagnostics data -------------------------------------------------------------------------
 
 
 @online
@@ -348,7 +348,7 @@ def test_tatoeba(hub):
     assert not problems, "\n".join(problems)
 
 
-# -- the checks themselves, offline, on the fixture files that copy the Hub schemas -------------------------------------
+# -- the checks themselves, offline, on the fixture files that copy the Hub schemas -----------------------------------
 
 
 def _local(path: Path, source_name: str):
