@@ -664,26 +664,69 @@ def parse_revisions(spec: str | None, sources: Iterable[str]) -> dict[str, str]:
     return revisions
 
 
+class MissingLocalSplit(FileNotFoundError):
+    """No local file under `--data_dir` for one (source, config, split); `expected` says what was looked for."""
+
+    def __init__(self, message: str, expected: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+
+
+# The repositories the datasets come from call the validation split `dev` (UD, MasakhaPOS / MasakhaNER, SIB-200).
+SPLIT_FILE_ALIASES = {"validation": ("dev",)}
+
+
 def find_local_split(data_dir: str, source: str, config: str, split: str, extensions: Iterable[str]) -> Path:
     """The local file of one split: `data_dir/<source>/<config>/<split>.<ext>`, or a folder `<split>/` of parquet shards.
 
     The folder form is the layout of a Hub `refs/convert/parquet` branch, so a downloaded snapshot can be used as is.
+    With `.conllu` among `extensions`, a UD treebank's own file name `<treebank>-ud-<split>.conllu` (e.g.
+    `fr_gsd-ud-test.conllu`) is found too, and `validation` is also looked for as `dev` (the repositories' name).
+    Raises `MissingLocalSplit` when there is none, `ValueError` when there are several.
     """
     folder = Path(data_dir) / source / config
     extensions = tuple(extensions)
-    found = [folder / f"{split}{ext}" for ext in extensions if (folder / f"{split}{ext}").is_file()]
-    if (folder / split).is_dir() and any((folder / split).glob("*.parquet")):
-        found.append(folder / split)
+    names = (split, *SPLIT_FILE_ALIASES.get(split, ()))
+    found = [folder / f"{name}{ext}" for name in names for ext in extensions if (folder / f"{name}{ext}").is_file()]
+    found += [folder / name for name in names if (folder / name).is_dir() and any((folder / name).glob("*.parquet"))]
+    if ".conllu" in extensions:
+        found += sorted(p for name in names for p in folder.glob(f"*-ud-{name}.conllu") if p.is_file())
     if not found:
-        raise FileNotFoundError(
-            f"No local {source} file for config {config!r}, split {split!r}: expected {folder}/{split}"
-            f"{{{','.join(extensions)}}} or a folder {folder / split}/ of parquet files (layout: "
-            "--data_dir/<source>/<config>/<split>.<ext>). Add the file, or, for an evaluation language, leave it out "
-            "with --eval_languages / --eval_sources."
+        expected = f"{folder}/{split}{{{','.join(extensions)}}}"
+        raise MissingLocalSplit(
+            f"No local {source} file for config {config!r}, split {split!r}: expected {expected} or a folder "
+            f"{folder / split}/ of parquet files (layout: --data_dir/<source>/<config>/<split>.<ext>). Add the file, "
+            "or, for an evaluation language, leave it out with --eval_languages / --eval_sources.",
+            expected,
         )
     if len(found) > 1:
-        raise ValueError(f"{folder} holds several files for split {split!r} ({', '.join(p.name for p in found)}); keep one.")
+        hint = ""
+        if all(p.suffix == ".conllu" for p in found):
+            names = " ".join(p.name for p in found)
+            hint = f" To evaluate several treebanks together, concatenate them: cat {names} > {split}.conllu."
+        raise ValueError(
+            f"{folder} holds several files for split {split!r} ({', '.join(p.name for p in found)}); keep one.{hint}"
+        )
     return found[0]
+
+
+def log_skipped_local_splits(skipped: list[tuple[EvalTarget, MissingLocalSplit]], data_dir: str) -> None:
+    """One warning listing every (source, language) that `--data_dir` has no file for, and the file looked for."""
+    if skipped:
+        logger.warning(
+            "--data_dir %s has no file for %d (source, language) pair(s), skipped: %s", data_dir, len(skipped),
+            "; ".join(f"{t.source}/{t.language} ({err.expected})" for t, err in skipped),
+        )
+
+
+def require_eval_sets(eval_sets: list, skipped: list[tuple[EvalTarget, MissingLocalSplit]], data_dir: str) -> None:
+    """Refuse a run left with nothing to evaluate because every requested file is absent."""
+    if skipped and not eval_sets:
+        raise ValueError(
+            f"No evaluation file under --data_dir {data_dir} for any requested (source, language): "
+            + "; ".join(f"{t.source}/{t.language} ({err.expected})" for t, err in skipped)
+            + ". Add the files, or choose other --eval_languages / --eval_sources."
+        )
 
 
 def read_local_table(path: Path, cache_dir: str | None = None):
@@ -712,25 +755,52 @@ def read_local_table(path: Path, cache_dir: str | None = None):
 
 
 def _read_tsv(path: Path):
-    """A TSV file with a header line, read field by field (no quoting, every value a string except integer labels)."""
+    """A TSV file with a header line, read field by field (no quoting, every value a string except integer labels).
+
+    A UTF-8 byte-order mark before the header is dropped; undecodable bytes are an error naming the line.
+    """
     import datasets
 
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if not header:
-            raise ValueError(f"{path}: empty file; a TSV file needs a header line with the column names.")
-        columns: dict[str, list[Any]] = {name: [] for name in header}
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}:{lineno}: {len(row)} fields, but the header has {len(header)} ({header}).")
-            for name, value in zip(header, row):
-                columns[name].append(value)
+    columns: dict[str, list[Any]] = {}
+    header: list[str] | None = None
+    for lineno, line in read_text_lines(path):
+        if header is None:
+            header = line.split("\t")
+            if not line.strip():
+                raise ValueError(f"{path}: empty file; a TSV file needs a header line with the column names.")
+            columns = {name: [] for name in header}
+            continue
+        if not line:
+            continue
+        row = line.split("\t")
+        if len(row) != len(header):
+            raise ValueError(f"{path}:{lineno}: {len(row)} fields, but the header has {len(header)} ({header}).")
+        for name, value in zip(header, row):
+            columns[name].append(value)
+    if header is None:
+        raise ValueError(f"{path}: empty file; a TSV file needs a header line with the column names.")
     if "label" in columns and all(value.lstrip("-").isdigit() for value in columns["label"]):
         columns["label"] = [int(value) for value in columns["label"]]
     return datasets.Dataset.from_dict(columns)
+
+
+def read_text_lines(path: Path):
+    """Yield (line number, line) of a UTF-8 text file, split on \\n only, without the line end (\\r\\n too).
+
+    A byte-order mark at the start is dropped; bytes that are not UTF-8 raise `ValueError` naming the file and line.
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start} of the line). Convert the "
+                    "file to UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+                ) from err
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            yield lineno, line.removesuffix("\n").removesuffix("\r")
 
 
 def load_hub_split(
@@ -778,6 +848,23 @@ def require_columns(dataset, columns: Iterable[str], origin: str, hint: str = ""
         )
 
 
+def require_equal_lengths(dataset, columns: tuple[str, str], origin: str) -> None:
+    """Fail with the file (or Hub id) and the first example whose list columns (tokens and tags) differ in length."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")[:]
+    lengths = [pc.list_value_length(table[c]).to_numpy(zero_copy_only=False) for c in columns]
+    differing = np.flatnonzero(lengths[0] != lengths[1])
+    if len(differing):
+        row = int(differing[0])
+        named = f" (id {dataset[row]['id']!r})" if "id" in dataset.column_names else ""
+        raise ValueError(
+            f"{origin}: example {row + 1}{named} has {lengths[0][row]} {columns[0]} but {lengths[1][row]} "
+            f"{columns[1]} ({len(differing)} example(s) differ). Every token needs exactly one tag."
+        )
+
+
 def class_label_names(feature) -> list[str] | None:
     """The ClassLabel names of a label feature (a ClassLabel or a list of them), or None for plain values."""
     import datasets
@@ -800,8 +887,9 @@ def labels_to_training_ids(
 
     Label names come from the column's ClassLabel feature; integers without one are read in `declared_names` order
     (the source's documented Hub order); strings are names themselves, passed through `normalize` (e.g. `str.lower`)
-    first. `renames` maps source names to training names before the lookup (MasakhaNER's `B-DATE` → `O`). A name
-    that is not a training label raises `ValueError`: positions are never matched by index across datasets.
+    first. `renames` maps source names to training names before the lookup (MasakhaNER's `B-DATE` → `O`); how many
+    labels each rename changed is logged. A name that is not a training label raises `ValueError`: positions are
+    never matched by index across datasets.
     """
     import datasets
     import numpy as np
@@ -842,6 +930,8 @@ def labels_to_training_ids(
             f"{label_list}{mapped}. Evaluation files must use the label names of the training dataset; a source "
             "with other labels cannot be evaluated with this model."
         )
+    if renames:
+        log_renamed_labels(values, is_list, source_names, renames, origin)
     mapping = {value: targets[name] for value, name in source_names.items()}
     lookup = np.vectorize(mapping.__getitem__, otypes=[np.int64]) if mapping else None
 
@@ -855,6 +945,19 @@ def labels_to_training_ids(
     features = dataset.features.copy()
     features[column] = datasets.List(datasets.Value("int64")) if is_list else datasets.Value("int64")
     return dataset.map(convert, batched=True, features=features, desc=f"Mapping labels of {origin}")
+
+
+def log_renamed_labels(values, is_list: bool, source_names: dict, renames: dict[str, str], origin: str) -> None:
+    """Log how many labels of one file `renames` changed (MasakhaNER's DATE tags becoming O), per renamed name."""
+    import pyarrow.compute as pc
+
+    counts: dict[str, int] = dict.fromkeys(renames, 0)
+    for item in pc.value_counts(pc.list_flatten(values) if is_list else values).to_pylist():
+        name = source_names.get(item["values"])
+        if name in counts:
+            counts[name] += item["counts"]
+    logger.info("%s: %d label(s) mapped: %s", origin, sum(counts.values()),
+                ", ".join(f"{name} -> {renames[name]}: {n}" for name, n in counts.items()))
 
 
 def check_checkpoint_labels(config, label_list: list[str], model_name_or_path: str) -> None:

@@ -42,6 +42,7 @@ from realign_utils import (
     LOCAL_TABLE_EXTENSIONS,
     EvalSet,
     EvalTarget,
+    MissingLocalSplit,
     append_downstream_results,
     asdict_public,
     check_checkpoint_labels,
@@ -54,10 +55,14 @@ from realign_utils import (
     freeze_encoder,
     labels_to_training_ids,
     load_hub_split,
+    log_skipped_local_splits,
     parse_args,
     parse_revisions,
     read_local_table,
+    read_text_lines,
     require_columns,
+    require_equal_lengths,
+    require_eval_sets,
     resolve_eval_languages,
     setup_logging,
     write_downstream_model_card,
@@ -221,8 +226,11 @@ class DataArguments:
             "e.g. DIR/wikiann/yo/test.parquet or DIR/masakhaner/yor/test/0000.parquet (a parquet-branch folder). "
             "Formats: .parquet, .jsonl or .json with the Hub's columns (tokens and pos_tags / upos / ner_tags; labels "
             "as ClassLabel ids, tag names, or integers in the Hub's order); .conllu for UD sources (FORM and UPOS; "
-            "multi-word token lines 1-2 and empty nodes 1.1 are dropped); .txt for MasakhaPOS / MasakhaNER (one "
-            "'token TAG' per line, a blank line between sentences, as in their GitHub repositories)."
+            "multi-word token lines 1-2 and empty nodes 1.1 are dropped; a treebank's own file name is found too, "
+            "e.g. DIR/udpos/fr/fr_gsd-ud-test.conllu); .txt for MasakhaPOS / MasakhaNER (one 'token TAG' per line, a "
+            "blank line between sentences: their GitHub repositories' data/<lang>/test.txt as they are). With "
+            "--data_dir, a (source, language) whose file is absent is skipped with one warning listing them all; a "
+            "file that is there but malformed is an error."
         },
     )
     dataset_revisions: str | None = field(
@@ -337,47 +345,60 @@ def resolve_targets(data_args: DataArguments, seed: int) -> list[EvalTarget]:
 
 
 def read_conllu(path: Path, label_column: str) -> datasets.Dataset:
-    """Read the FORM and UPOS columns of a CoNLL-U file, dropping multi-word token lines (1-2) and empty nodes (1.1)."""
+    """Read the FORM and UPOS columns of a CoNLL-U file, dropping multi-word token lines (1-2) and empty nodes (1.1).
+
+    Lines are split on tabs only, so a FORM holding a space (UD Vietnamese 'Hà Nội', French '2 001') stays one word.
+    Sentences end at blank (or whitespace-only) lines; comment-only sentences are dropped; a byte-order mark and
+    CRLF line ends are accepted.
+    """
     sentences, tokens, tags = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                if tokens:
-                    sentences.append((tokens, tags))
-                tokens, tags = [], []
-                continue
-            if line.startswith("#"):
-                continue
-            fields = line.split("\t")
-            if len(fields) != 10:
-                raise ValueError(f"{path}:{lineno}: {len(fields)} tab-separated fields; CoNLL-U lines have 10.")
-            if "-" in fields[0] or "." in fields[0]:
-                continue  # multi-word token range or empty node: not a word of the sentence
-            tokens.append(fields[1])
-            tags.append(fields[3])
+    for lineno, line in read_text_lines(path):
+        if not line.strip():
+            if tokens:
+                sentences.append((tokens, tags))
+            tokens, tags = [], []
+            continue
+        if line.startswith("#"):
+            continue
+        fields = line.split("\t")
+        if len(fields) != 10:
+            raise ValueError(f"{path}:{lineno}: {len(fields)} tab-separated fields; CoNLL-U lines have 10.")
+        if "-" in fields[0] or "." in fields[0]:
+            continue  # multi-word token range or empty node: not a word of the sentence
+        tokens.append(fields[1])
+        tags.append(fields[3])
     if tokens:
         sentences.append((tokens, tags))
     return datasets.Dataset.from_dict({"tokens": [s[0] for s in sentences], label_column: [s[1] for s in sentences]})
 
 
 def read_token_tag_lines(path: Path, label_column: str) -> datasets.Dataset:
-    """Read the MasakhaPOS / MasakhaNER raw format: one 'token TAG' per line, a blank line between sentences."""
-    sentences, tokens, tags = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            parts = line.split()
-            if not parts:
-                if tokens:
-                    sentences.append((tokens, tags))
-                tokens, tags = [], []
+    """Read the MasakhaPOS / MasakhaNER raw format: one 'token TAG' per line, a blank line between sentences.
+
+    The tag is the last whitespace-separated field and the token everything before it (spaces or a tab between
+    them; a token may hold a space). A line with a tag but no token (MasakhaNER 2.0's xho train has two) is left
+    out, with one warning naming its lines.
+    """
+    sentences, tokens, tags, tokenless = [], [], [], []
+    for lineno, line in read_text_lines(path):
+        parts = line.split()
+        if not parts:
+            if tokens:
+                sentences.append((tokens, tags))
+            tokens, tags = [], []
+            continue
+        if len(parts) == 1:
+            if line[:1].isspace():
+                tokenless.append(lineno)
                 continue
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 'token TAG' (two fields), got {line.strip()!r}.")
-            tokens.append(parts[0])
-            tags.append(parts[1])
+            raise ValueError(f"{path}:{lineno}: expected 'token TAG' (two fields), got {line.strip()!r}.")
+        tokens.append(line.strip()[: -len(parts[-1])].strip())
+        tags.append(parts[-1])
     if tokens:
         sentences.append((tokens, tags))
+    if tokenless:
+        logger.warning("%s: %d line(s) hold a tag but no token, left out: line %s", path, len(tokenless),
+                       ", ".join(map(str, tokenless[:20])) + (", ..." if len(tokenless) > 20 else ""))
     return datasets.Dataset.from_dict(
         {"id": [str(i) for i in range(len(sentences))], "tokens": [s[0] for s in sentences],
          label_column: [s[1] for s in sentences]}
@@ -416,6 +437,7 @@ def load_split(source: TaggingSource, config: str, split: str, data_args, cache_
     )
     if len(dataset) == 0:
         raise ValueError(f"{origin} holds no sentences.")
+    require_equal_lengths(dataset, ("tokens", source.label_column), origin)
     return dataset, origin
 
 
@@ -436,11 +458,19 @@ def load_training_data(data_args: DataArguments, model_args: ModelArguments, do_
 
 
 def load_eval_data(targets, label_list, data_args: DataArguments, model_args: ModelArguments) -> list[EvalSet]:
-    """The raw evaluation sentences of every target, labels rewritten as training label ids (matched by name)."""
-    eval_sets = []
+    """The raw evaluation sentences of every target, labels rewritten as training label ids (matched by name).
+
+    With --data_dir, a target whose file is absent is skipped (one warning lists them all); a file that exists but
+    cannot be read is an error, and so is a run left with nothing to evaluate.
+    """
+    eval_sets, skipped = [], []
     for target in targets:
         source = SOURCES[target.source]
-        dataset, origin = load_split(source, target.config, source.split, data_args, model_args.cache_dir)
+        try:
+            dataset, origin = load_split(source, target.config, source.split, data_args, model_args.cache_dir)
+        except MissingLocalSplit as err:
+            skipped.append((target, err))
+            continue
         dataset = labels_to_training_ids(
             dataset, source.label_column, label_list, origin=origin, declared_names=source.label_names,
             renames=dict(source.label_renames),
@@ -448,6 +478,8 @@ def load_eval_data(targets, label_list, data_args: DataArguments, model_args: Mo
         if data_args.max_eval_samples is not None:
             dataset = dataset.select(range(min(len(dataset), data_args.max_eval_samples)))
         eval_sets.append(EvalSet(target.source, target.language, dataset, origin))
+    log_skipped_local_splits(skipped, data_args.data_dir)
+    require_eval_sets(eval_sets, skipped, data_args.data_dir)
     return eval_sets
 
 

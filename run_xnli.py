@@ -43,6 +43,7 @@ from realign_utils import (
     LOCAL_TABLE_EXTENSIONS,
     EvalSet,
     EvalTarget,
+    MissingLocalSplit,
     append_downstream_results,
     asdict_public,
     check_checkpoint_labels,
@@ -55,10 +56,12 @@ from realign_utils import (
     freeze_encoder,
     labels_to_training_ids,
     load_hub_split,
+    log_skipped_local_splits,
     parse_args,
     parse_revisions,
     read_local_table,
     require_columns,
+    require_eval_sets,
     resolve_eval_languages,
     setup_logging,
     write_downstream_model_card,
@@ -103,13 +106,18 @@ class NLISource:
     parquet_branch: bool = False  # script-only repositories are read from refs/convert/parquet
     revision: str | None = None
     label_column: str = "label"
+    label_renames: tuple[tuple[str, str], ...] = ()  # source label names -> the task's (after normalize_label_name)
 
 
 SOURCES = {
     "xnli": NLISource("xnli", "facebook/xnli"),
     "afrixnli": NLISource("afrixnli", "masakhane/afrixnli"),
     "americasnli": NLISource("americasnli", "nala-cub/americas_nli"),
-    "indonli": NLISource("indonli", "afaji/indonli", split="test_expert", parquet_branch=True),
+    # IndoNLI's own JSON lines (github.com/ir-nlp-csui/indonli) write the labels as e / n / c.
+    "indonli": NLISource(
+        "indonli", "afaji/indonli", split="test_expert", parquet_branch=True,
+        label_renames=(("e", "entailment"), ("n", "neutral"), ("c", "contradiction")),
+    ),
     "myxnli": NLISource("myxnli", "akhtet/myanmar-xnli", ("sentence1_my", "sentence2_my"), revision=MYXNLI_REVISION),
 }
 TRAIN_SOURCE = "xnli"
@@ -216,9 +224,10 @@ class DataArguments:
             "or DIR/indonli/indonli/test_expert/0000.parquet (a parquet-branch folder). Formats: .parquet, .jsonl, "
             ".json or .tsv (header line) with the Hub's columns (premise, hypothesis, label; Myanmar-XNLI: "
             "sentence1_my, sentence2_my, label); labels as ClassLabel ids, names (entailment, neutral, "
-            "contradiction; case-insensitive) or integers 0/1/2 in that order. SIB-200: DIR/sib200/<config>/<split>.tsv "
-            "(e.g. DIR/sib200/eng_Latn/train.tsv, DIR/sib200/yor_Latn/test.tsv) with the Hub's columns index_id, "
-            "category, text."
+            "contradiction; case-insensitive; IndoNLI's own e, n, c too) or integers 0/1/2 in that order. SIB-200: "
+            "DIR/sib200/<config>/<split>.tsv (e.g. DIR/sib200/eng_Latn/train.tsv, DIR/sib200/yor_Latn/test.tsv) "
+            "with the Hub's columns index_id, category, text. A (source, language) whose file is absent is skipped "
+            "with one warning listing them all; a file that is there but malformed is an error."
         },
     )
     dataset_revisions: str | None = field(
@@ -384,17 +393,27 @@ def load_training_data(data_args: DataArguments, model_args: ModelArguments, do_
 
 
 def load_eval_data(targets, label_list, data_args: DataArguments, model_args: ModelArguments) -> list[EvalSet]:
-    """The raw evaluation pairs of every target, labels rewritten as training label ids (matched by name)."""
-    eval_sets = []
+    """The raw evaluation pairs of every target, labels rewritten as training label ids (matched by name).
+
+    With --data_dir, a target whose file is absent is skipped (one warning lists them all); a file that exists but
+    cannot be read is an error, and so is a run left with nothing to evaluate.
+    """
+    eval_sets, skipped = [], []
     task = data_args.task_spec
     for target in targets:
         source = task.sources[target.source]
-        dataset, origin = load_split(source, target.config, source.split, data_args, model_args.cache_dir)
+        try:
+            dataset, origin = load_split(source, target.config, source.split, data_args, model_args.cache_dir)
+        except MissingLocalSplit as err:
+            skipped.append((target, err))
+            continue
         dataset = labels_to_training_ids(dataset, "label", label_list, origin=origin, declared_names=task.labels,
-                                         normalize=normalize_label_name)
+                                         renames=dict(source.label_renames), normalize=normalize_label_name)
         if data_args.max_eval_samples is not None:
             dataset = dataset.select(range(min(len(dataset), data_args.max_eval_samples)))
         eval_sets.append(EvalSet(target.source, target.language, dataset, origin))
+    log_skipped_local_splits(skipped, data_args.data_dir)
+    require_eval_sets(eval_sets, skipped, data_args.data_dir)
     return eval_sets
 
 
