@@ -343,9 +343,7 @@ def read_local_parallel(files: list[Path]) -> dict[str, list[str]]:
     """Read English/translation pairs (`src` = English, `tgt` = translation, and `id` when the files give one) from
     the files `find_local_parallel_file` returns, failing with the file and line of any malformed input.
 
-    Lines end at "\\n" alone (one trailing "\\r" is dropped), never at the other characters `str.splitlines` breaks at
-    (U+0085, U+2028, form feeds...): those occur inside real sentences, and breaking there would shift one side of a
-    line-aligned pair against the other. A UTF-8 byte-order mark at the start of a file is dropped.
+    Lines are read by `read_text_lines`: split at "\\n" alone, a leading byte-order mark dropped.
     """
     if len(files) == 2 and files[0].suffix == ".en":
         src, tgt = _read_lines(files[0]), _read_lines(files[1])
@@ -366,25 +364,30 @@ def read_local_parallel(files: list[Path]) -> dict[str, list[str]]:
     return columns
 
 
+def read_text_lines(path: str | Path):
+    """Yield (line number, line) of a UTF-8 text file, split at "\\n" only, without the line end ("\\r\\n" too).
+
+    Only "\\n" ends a line, never the other characters `str.splitlines` breaks at (U+0085, U+2028, form feeds...):
+    they occur inside real sentences, and breaking there would shift one side of a line-aligned pair against the
+    other. A byte-order mark at the start is dropped; bytes that are not UTF-8 raise `ValueError` naming the file
+    and line.
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}). Convert "
+                    "the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+                ) from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            yield lineno, line.removesuffix("\n").removesuffix("\r")
+
+
 def _read_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file, split at "\\n" only, without a trailing empty line or a leading BOM."""
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    raw = data.split(b"\n")
-    if raw and raw[-1] == b"":
-        raw.pop()
-    lines = []
-    for lineno, line in enumerate(raw, start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(
-                f"{path}:{lineno}: not valid UTF-8 (byte {line[err.start]:#04x} at column {err.start + 1}). "
-                "Convert the file to UTF-8, e.g. with iconv."
-            ) from None
-        lines.append(text.removesuffix("\r"))
-    return lines
+    return [line for _, line in read_text_lines(path)]
 
 
 def _read_tsv_pairs(path: Path) -> dict[str, list[str]]:
@@ -782,25 +785,6 @@ def _read_tsv(path: Path):
     if "label" in columns and all(value.lstrip("-").isdigit() for value in columns["label"]):
         columns["label"] = [int(value) for value in columns["label"]]
     return datasets.Dataset.from_dict(columns)
-
-
-def read_text_lines(path: Path):
-    """Yield (line number, line) of a UTF-8 text file, split on \\n only, without the line end (\\r\\n too).
-
-    A byte-order mark at the start is dropped; bytes that are not UTF-8 raise `ValueError` naming the file and line.
-    """
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(
-                    f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start} of the line). Convert the "
-                    "file to UTF-8 (e.g. iconv -f latin1 -t utf-8)."
-                ) from err
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")
-            yield lineno, line.removesuffix("\n").removesuffix("\r")
 
 
 def load_hub_split(

@@ -322,8 +322,8 @@ class RealignArguments:
             "help": "Encode each batch's sentences in this many forward passes over rows of similar length, each padded "
             "to its own longest row, instead of one pass padded to the batch's longest sentence. The batches, pooled "
             "vectors and loss stay the same (up to float rounding); the computation spent on padding shrinks, which "
-            "saves time where compute grows with padded tokens (CPUs: 4 buckets took about 40 % less time per step "
-            "in the quickstart). Each bucket costs one host sync. Single-process runs only; sentence alignment only."
+            "saves time where compute grows with padded tokens, as on CPUs (the quickstart uses 4; README, "
+            "Performance). Each bucket costs one host sync. Single-process runs only; sentence alignment only."
         },
     )
 
