@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 import transformers
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -138,15 +139,136 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def detect_checkpoint(training_args: TrainingArguments) -> str | None:
-    """Return the checkpoint to resume from: `--resume_from_checkpoint`, else the last one in `output_dir`."""
+    """Return the checkpoint to resume from: `--resume_from_checkpoint`, else the newest complete one in `output_dir`.
+
+    A run killed while saving leaves a checkpoint folder without its trainer state (or with files cut short), which
+    the Trainer cannot resume; such folders are skipped with a warning and left as they are (training overwrites them
+    when it reaches their step again). An incomplete `--resume_from_checkpoint` is an error.
+    """
+    world_size = training_args.world_size
     if training_args.resume_from_checkpoint:
-        return training_args.resume_from_checkpoint
-    if os.path.isdir(training_args.output_dir) and training_args.do_train:
-        last = get_last_checkpoint(training_args.output_dir)
-        if last is not None:
-            logger.info("Resuming from %s (found in --output_dir; use a new --output_dir to start over).", last)
-            return last
-    return None
+        path = Path(training_args.resume_from_checkpoint)
+        problems = checkpoint_problems(path, world_size)
+        if problems:
+            newest = _newest_complete_checkpoint(path.parent, world_size)[0] if path.parent.is_dir() else None
+            hint = "Give a complete checkpoint (model, optimizer, scheduler, RNG and trainer state), or leave the "
+            hint += "flag out to start from the beginning."
+            if newest:
+                hint = f"The newest complete checkpoint beside it is {newest}."
+            raise ValueError(f"--resume_from_checkpoint {path} cannot be resumed: {'; '.join(problems)}. {hint}")
+        return str(path)
+    if not (training_args.do_train and os.path.isdir(training_args.output_dir)):
+        return None
+    checkpoint, skipped = _newest_complete_checkpoint(Path(training_args.output_dir), world_size)
+    if skipped:
+        logger.warning(
+            "Skipping %d incomplete checkpoint(s) in %s, left as they are (a run was stopped while saving them; "
+            "training overwrites them when it reaches their step again): %s",
+            len(skipped),
+            training_args.output_dir,
+            "; ".join(skipped),
+        )
+    if checkpoint is not None:
+        logger.info("Resuming from %s (found in --output_dir; use a new --output_dir to start over).", checkpoint)
+    elif skipped:
+        logger.warning("No complete checkpoint in %s: training starts from the beginning.", training_args.output_dir)
+    return checkpoint
+
+
+# What the Trainer writes into a checkpoint, in the order it writes them: the weights (one of these, or a DeepSpeed
+# `global_step*` / FSDP folder), the optimizer, scheduler and RNG states, and last the trainer state.
+CHECKPOINT_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_problems(folder: str | Path, world_size: int = 1) -> list[str]:
+    """Why `folder` cannot be resumed by the Trainer (missing or cut-short files); empty for a complete checkpoint.
+
+    Only headers and archive directories are read (no tensor is loaded): a safetensors file must be as long as its
+    header says, and `torch.save` files (optimizer, scheduler, RNG) must be whole zip archives, whose directory is
+    written last.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder} is not a folder"]
+    problems = []
+    state = _read_json(folder / TRAINER_STATE_FILE)
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        exists = (folder / TRAINER_STATE_FILE).is_file()
+        problems.append(f"{TRAINER_STATE_FILE} is {'unreadable' if exists else 'missing'}")
+    entries = list(folder.iterdir())
+    deepspeed = any(p.is_dir() and p.name.startswith("global_step") for p in entries)
+    fsdp = any("pytorch_model_fsdp" in p.name for p in entries)
+    weights = [folder / name for name in CHECKPOINT_WEIGHT_FILES if (folder / name).is_file()]
+    for index in [p for p in weights if p.name.endswith(".index.json")]:
+        shards = sorted(set((_read_json(index) or {}).get("weight_map", {}).values()))
+        weights += [folder / name for name in shards]
+        problems += [f"no {name} (listed in {index.name})" for name in shards if not (folder / name).is_file()]
+    weights = [p for p in weights if p.is_file()]
+    if not (weights or deepspeed or fsdp):
+        problems.append("no model weights")
+    if not (deepspeed or any(p.name.startswith("optimizer") for p in entries)):
+        problems.append("no optimizer state")
+    if not (deepspeed or (folder / "scheduler.pt").is_file()):
+        problems.append("no scheduler state")
+    # One process saves rng_state.pth; under several, each saves rng_state_<rank>.pth.
+    per_rank = [folder / f"rng_state_{rank}.pth" for rank in range(max(1, world_size))]
+    single = folder / "rng_state.pth"
+    rng = [single] if single.is_file() or (world_size <= 1 and not per_rank[0].is_file()) else per_rank
+    problems += [f"no {p.name}" for p in rng if not p.is_file()]
+    torch_files = [p for p in (folder / "optimizer.pt", folder / "scheduler.pt", *rng) if p.is_file()]
+    for path in [*weights, *torch_files]:
+        if not _file_is_whole(path):
+            problems.append(f"{path.name} is cut short")
+    return problems
+
+
+def _newest_complete_checkpoint(folder: Path, world_size: int) -> tuple[str | None, list[str]]:
+    """The newest complete `checkpoint-N` of `folder` (by N), and a description of each newer incomplete one."""
+    steps = {}
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if path.is_dir() and suffix.isdigit():
+            steps[int(suffix)] = path
+    skipped = []
+    for step in sorted(steps, reverse=True):
+        problems = checkpoint_problems(steps[step], world_size)
+        if not problems:
+            return str(steps[step]), skipped
+        skipped.append(f"{steps[step].name} ({', '.join(problems)})")
+    return None, skipped
+
+
+def _file_is_whole(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        try:
+            with open(path, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(length))
+        except (OSError, ValueError):
+            return False
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size >= 8 + length + end
+    if path.suffix in (".pt", ".pth", ".bin"):
+        return zipfile.is_zipfile(path)
+    if path.suffix == ".json":
+        return _read_json(path) is not None
+    return True
+
+
+def _read_json(path: str | Path) -> Any:
+    """The parsed content of a JSON file, or None if it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def check_settings(output_dir: str, settings: dict[str, Any], filename: str, is_main_process: bool = True) -> None:

@@ -115,6 +115,45 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_bert, parallel_dirs, tm
         assert torch.allclose(a[key], b[key], atol=1e-5), key
 
 
+@pytest.mark.parametrize("killed_in", ["_save", "_save_rng_state"])
+def test_kill_while_saving_a_checkpoint_resumes_from_the_last_complete_one(
+    killed_in, tiny_bert, parallel_dirs, tmp_path, monkeypatch, capsys
+):
+    """A kill while checkpoint-8 is written (its folder just created, or holding weights and optimizer but no RNG or
+    trainer state) must not wedge the run: the rerun resumes from checkpoint-4 and ends where an unbroken run ends."""
+    from transformers import Trainer
+
+    argv = ["--max_steps", "12", "--save_steps", "4", "--logging_steps", "4"]
+    full = tmp_path / "full"
+    run_realign.main(realign_argv(tiny_bert, parallel_dirs, full, *argv))
+
+    original = getattr(Trainer, killed_in)
+
+    def killed(self, output_dir=None, *args, **kwargs):
+        if self.state.global_step == 8:
+            if killed_in == "_save":
+                Path(output_dir).mkdir(parents=True)  # the folder appears, then the process dies
+            raise KeyboardInterrupt("killed while saving")
+        return original(self, output_dir, *args, **kwargs)
+
+    out = tmp_path / "killed"
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt, match="killed while saving"):
+        patch.setattr(Trainer, killed_in, killed)
+        run_realign.main(realign_argv(tiny_bert, parallel_dirs, out, *argv))
+    assert (out / "checkpoint-8").is_dir() and not (out / "checkpoint-8" / "trainer_state.json").exists()
+
+    capsys.readouterr()
+    run_realign.main(realign_argv(tiny_bert, parallel_dirs, out, *argv))
+    log = capsys.readouterr().out  # setup_logging logs to stdout
+    assert "Skipping 1 incomplete checkpoint(s)" in log and "checkpoint-8 (" in log
+    assert f"Resuming from {out / 'checkpoint-4'}" in log
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 12
+    a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert logged_losses(out)[-2:] == pytest.approx(logged_losses(full)[-2:], abs=1e-5)
+
+
 def test_output_dir_with_other_settings_is_refused(tiny_bert, parallel_dirs, tmp_path):
     out = tmp_path / "out"
     run_realign.main(realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "5"))
