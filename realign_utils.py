@@ -533,10 +533,16 @@ def _is_language_key(key: str, prefix: str, suffix: str) -> bool:
     return bool(middle) and middle not in {"loss", "runtime", "samples_per_second", "steps_per_second"}
 
 
+# A results row is identified by every column but these two: a run evaluated again replaces its rows.
+RESULTS_KEY = [c for c in RESULTS_COLUMNS if c not in ("timestamp", "value")]
+
+
 def append_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     """Append tidy rows to the results table (CSV with the fixed `RESULTS_COLUMNS` header); returns rows written.
 
-    The table is rewritten through a temporary file, so a crash leaves either the old or the new table.
+    A row whose `RESULTS_KEY` (model, subset, seed, task, source, language, metric and run_dir) is already in the
+    table replaces that row in place, so a run evaluated again (a re-run command, a grid cell done again) never
+    counts twice. The table is rewritten through a temporary file, so a crash leaves either the old or the new table.
     """
     path = Path(path)
     rows = [dict(row) for row in rows]
@@ -548,7 +554,7 @@ def append_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
             raise ValueError(f"Result row has columns outside the results schema: {sorted(unknown)}")
         if hasattr(row.get("value"), "item"):
             row["value"] = row["value"].item()
-    existing: list[dict[str, str]] = []
+    existing: list[dict[str, Any]] = []
     if path.is_file():
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -557,12 +563,56 @@ def append_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
                     f"{path} has columns {reader.fieldnames}, expected {RESULTS_COLUMNS}. Write to a new --results_file."
                 )
             existing = list(reader)
+
+    def key(row):
+        return tuple(str(row.get(column)) for column in RESULTS_KEY)
+
+    position = {key(row): index for index, row in enumerate(existing)}
+    replaced = 0
+    for row in rows:
+        index = position.get(key(row))
+        if index is None:
+            position[key(row)] = len(existing)
+            existing.append(row)
+        else:
+            existing[index] = row
+            replaced += 1
+    if replaced:
+        logger.info("%s: %d row(s) of an earlier evaluation of the same run replaced by this one's.", path, replaced)
     with atomic_writer(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RESULTS_COLUMNS)
         writer.writeheader()
         writer.writerows(existing)
-        writer.writerows(rows)
     return len(rows)
+
+
+def save_metrics(trainer, split: str, metrics: dict[str, float]) -> None:
+    """`Trainer.save_metrics(split, metrics)` through `write_json_atomic`, on the main process.
+
+    The Trainer rewrites `all_results.json` in place and reads it back first: a run stopped while it was writing left
+    half a file, and every later run failed in `json.load`. Here both files are replaced whole, and an unreadable
+    `all_results.json` is rebuilt (with a warning) from the `<split>_results.json` files beside it.
+    """
+    if not trainer.is_world_process_zero():
+        return
+    output_dir = Path(trainer.args.output_dir)
+    write_json_atomic(output_dir / f"{split}_results.json", metrics)
+    combined_path = output_dir / "all_results.json"
+    combined = _read_json(combined_path)
+    if not isinstance(combined, dict):
+        parts = sorted(p for p in output_dir.glob("*_results.json") if p != combined_path)
+        if combined_path.exists():
+            logger.warning(
+                "%s is unreadable (a run was probably stopped while writing it); rebuilt from %s.",
+                combined_path,
+                ", ".join(p.name for p in parts),
+            )
+        combined = {}
+        for part in parts:
+            content = _read_json(part)
+            combined.update(content if isinstance(content, dict) else {})
+    combined.update(metrics)
+    write_json_atomic(combined_path, combined)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -929,6 +979,51 @@ def language_averages(entries: list[dict[str, Any]], metric_names: Iterable[str]
             values = [e[name] for e in zero_shot if e["source"] == source]
             averages[f"{prefix}_avg_{source}_{name}"] = sum(values) / len(values)
     return averages
+
+
+def train_unless_finished(trainer, checkpoint: str | None) -> dict[str, float]:
+    """Train (resuming from `checkpoint` if given) and save the model, or reuse the run if it already finished.
+
+    Resumed from a checkpoint that holds its last step, the Trainer would train one step more than max_steps (step 5
+    of 4) and move the weights. When the run in `output_dir` already finished (`finished_training`), its final
+    weights are loaded instead and nothing is trained. Returns the training metrics (for a finished run, those it
+    recorded in `train_results.json`).
+    """
+    finished = finished_training(trainer.args.output_dir, checkpoint)
+    if finished is None:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        return dict(result.metrics)
+    trainer.state = transformers.TrainerState.load_from_json(str(finished / TRAINER_STATE_FILE))
+    logger.info(
+        "Training finished earlier (step %d of %d, in %s): nothing more is trained, the model is evaluated as it is. "
+        "Use a new --output_dir to train again.",
+        trainer.state.global_step,
+        trainer.state.max_steps,
+        finished,
+    )
+    trainer._load_from_checkpoint(str(finished))
+    if finished != Path(trainer.args.output_dir):
+        trainer.save_model()  # stopped after the last checkpoint, before the final model was saved
+    recorded = _read_json(Path(trainer.args.output_dir) / "train_results.json")
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def finished_training(output_dir: str, checkpoint: str | None) -> Path | None:
+    """Where the final weights of a training run that already finished in `output_dir` are, or None.
+
+    A run is finished when `output_dir`'s own trainer state (saved after the final model) or that of `checkpoint` has
+    reached its max_steps; the settings guard has made sure that the run was made with the same settings.
+    """
+    root = Path(output_dir)
+    for folder in [root] + ([Path(checkpoint)] if checkpoint else []):
+        state = _read_json(folder / TRAINER_STATE_FILE)
+        if not (isinstance(state, dict) and 0 < (state.get("max_steps") or 0) <= (state.get("global_step") or 0)):
+            continue
+        weights = [folder / name for name in CHECKPOINT_WEIGHT_FILES if (folder / name).is_file()]
+        if weights and all(_file_is_whole(path) for path in weights):
+            return folder
+    return None
 
 
 def model_provenance(model_name_or_path: str) -> dict[str, str]:

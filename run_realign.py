@@ -58,6 +58,7 @@ from realign_utils import (
     parse_args,
     read_local_parallel,
     retrieval_precision_at_1,
+    save_metrics,
     setup_logging,
     write_json_atomic,
 )
@@ -1767,12 +1768,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.save_encoder()
         train_metrics = dict(train_result.metrics, train_pairs=len(train_dataset))
         trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
+        save_metrics(trainer, "train", train_metrics)
         trainer.save_state()
     if eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
+        save_metrics(trainer, "eval", eval_metrics)
     if training_args.should_save:
         write_realign_config(trainer, settings, subset_info, pair_stats, train_metrics, eval_metrics)
         write_model_card(trainer, settings, subset_info, eval_metrics)

@@ -96,3 +96,53 @@ def test_resume_skips_incomplete_checkpoints_and_keeps_them(tmp_path, caplog):
         r".*checkpoint-5\.",
     ):
         realign_utils.detect_checkpoint(args_for(out, do_train=True, resume_from_checkpoint=str(weights_only)))
+
+
+# -- results ------------------------------------------------------------------------------------------------------------
+
+
+def result_row(language: str, value: float, **kwargs) -> dict:
+    row = {
+        "model": "m",
+        "subset": "none",
+        "seed": 17,
+        "task": "pos",
+        "source": "udpos",
+        "language": language,
+        "metric": "accuracy",
+        "value": value,
+        "run_dir": "out/pos",
+    }
+    return {**row, **kwargs}
+
+
+def test_results_of_a_run_evaluated_again_replace_its_rows(tmp_path):
+    import csv
+
+    table = tmp_path / "results.csv"
+    realign_utils.append_results(table, [result_row("yor", 0.1), result_row("wol", 0.2)])
+    # The same run evaluated again (one language more), and another seed of the same cell.
+    realign_utils.append_results(
+        table,
+        [result_row("yor", 0.3), result_row("wol", 0.4), result_row("fra", 0.5), result_row("yor", 0.6, seed=23)],
+    )
+    with open(table, newline="", encoding="utf-8") as f:
+        rows = [(r["language"], r["seed"], r["value"]) for r in csv.DictReader(f)]
+    assert rows == [("yor", "17", "0.3"), ("wol", "17", "0.4"), ("fra", "17", "0.5"), ("yor", "23", "0.6")]
+
+
+def test_save_metrics_rebuilds_a_half_written_all_results(tmp_path, caplog):
+    class FakeTrainer:  # the two members save_metrics uses
+        args = args_for(tmp_path)
+
+        def is_world_process_zero(self):
+            return True
+
+    trainer = FakeTrainer()
+    realign_utils.save_metrics(trainer, "train", {"train_loss": 1.5})
+    (tmp_path / "all_results.json").write_text('{"train_loss": 1.5, "eval_')  # stopped while writing
+    with caplog.at_level(logging.WARNING):
+        realign_utils.save_metrics(trainer, "eval", {"eval_avg_accuracy": 0.5})
+    assert json.loads((tmp_path / "all_results.json").read_text()) == {"train_loss": 1.5, "eval_avg_accuracy": 0.5}
+    assert json.loads((tmp_path / "eval_results.json").read_text()) == {"eval_avg_accuracy": 0.5}
+    assert any("all_results.json is unreadable" in r.getMessage() for r in caplog.records)
