@@ -274,14 +274,28 @@ def _read_json(path: str | Path) -> Any:
 def check_settings(output_dir: str, settings: dict[str, Any], filename: str, is_main_process: bool = True) -> None:
     """Refuse an `output_dir` that holds a run made with other settings; record the settings otherwise.
 
-    The settings file is written before training starts, so an interrupted run is recognised as well as a finished
-    one. Only settings that change the result belong in `settings` (not logging or output options).
+    Scripts call it once their input is known to be good and before training starts, so an interrupted run is
+    recognised as well as a finished one, and a run refused for its input leaves nothing behind. Only settings that
+    change the result belong in `settings` (not logging or output options), resolved (canonical language codes, not
+    the flag as typed). A setting recorded by an earlier version and no longer recorded is not compared. Also refused:
+    a folder holding another script's run (`SETTINGS_FILES`), and checkpoints without a settings file, whose settings
+    are unknown.
     """
-    path = Path(output_dir) / filename
+    folder = Path(output_dir)
+    path = folder / filename
     settings = json.loads(json.dumps(settings, default=str))
+    others = [name for name in SETTINGS_FILES if name != filename and (folder / name).is_file()]
+    if others:
+        raise ValueError(
+            f"{output_dir} holds a run of {SETTINGS_FILES[others[0]]} ({others[0]}), not of this script: the two would "
+            "resume each other's checkpoints and overwrite each other's outputs. Use another --output_dir."
+        )
     if path.is_file():
-        previous = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
-        differing = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        recorded = _read_json(path)
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("settings"), dict):
+            raise ValueError(f"{path} is not a settings file written by this script. Use another --output_dir.")
+        previous = recorded["settings"]
+        differing = sorted(k for k in settings if previous.get(k) != settings[k])
         if differing:
             details = "; ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in differing[:10])
             raise ValueError(
@@ -289,6 +303,13 @@ def check_settings(output_dir: str, settings: dict[str, Any], filename: str, is_
                 f"{output_dir} to start over."
             )
         return
+    checkpoints = sorted(p.name for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir())
+    if checkpoints:
+        raise ValueError(
+            f"{output_dir} holds checkpoints ({', '.join(checkpoints[:3])}) but no {filename}: the settings that made "
+            f"them are unknown, and resuming them could mix two runs. Use a new --output_dir, or delete {output_dir} "
+            "to start over."
+        )
     if is_main_process:
         write_json_atomic(path, {"settings": settings})
 
@@ -621,7 +642,13 @@ def save_metrics(trainer, split: str, metrics: dict[str, float]) -> None:
 
 # Written by run_realign.py next to a realigned checkpoint (its CONFIG_FILE); read here to fill the results table.
 REALIGN_CONFIG_FILE = "realign_config.json"
+REALIGN_SETTINGS_FILE = "realign_settings.json"  # run_realign.py's SETTINGS_FILE
 FINETUNE_SETTINGS_FILE = "finetune_settings.json"
+# The settings file each script keeps in its output_dir (check_settings): a folder holding one is that script's run.
+SETTINGS_FILES = {
+    REALIGN_SETTINGS_FILE: "run_realign.py",
+    FINETUNE_SETTINGS_FILE: "run_token_classification.py or run_xnli.py",
+}
 ENGLISH = "eng"
 # Local file formats every downstream source accepts; scripts add their own raw formats (CoNLL-U, "token TAG" text).
 LOCAL_TABLE_EXTENSIONS = (".parquet", ".jsonl", ".json")

@@ -1629,12 +1629,14 @@ def run_settings(model_args, data_args, realign_args, training_args, codes, subs
         "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "bf16", "fp16",
         "train_sampling_strategy",
     )
+    # --subset and --languages as typed are left out: `subset` and `languages` are what they resolve to.
+    unrecorded = ("subset", "languages", "preprocessing_num_workers", "overwrite_cache")
     return {
         "model_name_or_path": model_args.model_name_or_path,
         "freeze_word_embeddings": model_args.freeze_word_embeddings,
         "subset": subset_info["name"],
         "languages": codes,
-        **{f"data.{k}": v for k, v in asdict_public(data_args).items() if k not in ("preprocessing_num_workers", "overwrite_cache")},
+        **{f"data.{k}": v for k, v in asdict_public(data_args).items() if k not in unrecorded},
         **{f"loss.{k}": v for k, v in asdict_public(realign_args).items()},
         **{f"training.{k}": getattr(training_args, k) for k in training_keys},
     }
@@ -1738,14 +1740,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trust_remote_code=model_args.trust_remote_code,
     )
     check_loss_requirements(tokenizer, realign_args)
-    settings = run_settings(model_args, data_args, realign_args, training_args, codes, subset_info)
-    check_settings(training_args.output_dir, settings, SETTINGS_FILE, training_args.should_save)
-    last_checkpoint = detect_checkpoint(training_args)
-
     with training_args.main_process_first(desc="tokenising the parallel data"):
         train_dataset, eval_dataset, pair_stats = build_datasets(
             codes, tokenizer, data_args, realign_args, model_args, training_args.seed, wants_eval(data_args, training_args)
         )
+    # Recorded once the data is known to be good, so that a run failing on its input leaves nothing behind.
+    settings = run_settings(model_args, data_args, realign_args, training_args, codes, subset_info)
+    check_settings(training_args.output_dir, settings, SETTINGS_FILE, training_args.should_save)
+    last_checkpoint = detect_checkpoint(training_args)
     sizes = np.array([pair_stats[c]["used"] for c in codes])
     sampling_probs = language_probabilities(sizes, data_args.language_sampling, data_args.sampling_temperature)
     model = load_encoder(model_args, realign_args)

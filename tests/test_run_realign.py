@@ -163,6 +163,34 @@ def test_output_dir_with_other_settings_is_refused(tiny_bert, parallel_dirs, tmp
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+def test_settings_guard_compares_resolved_settings_and_knows_its_checkpoints(tiny_bert, parallel_dirs, tmp_path):
+    out = tmp_path / "out"
+    argv = realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "3", "--save_steps", "3")
+    at = argv.index("--languages") + 1
+    argv[at] = "fra,yor"
+    run_realign.main(argv)
+    argv[at] = "FRA,Yo"  # the same languages, spelt otherwise
+    run_realign.main(argv)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+
+    # Checkpoints whose settings file is gone cannot be told apart from another run's: refused, not resumed.
+    (out / run_realign.SETTINGS_FILE).unlink()
+    with pytest.raises(ValueError, match=r"holds checkpoints \(checkpoint-3\) but no realign_settings.json"):
+        run_realign.main([*argv, "--temperature", "0.05"])
+    assert not (out / run_realign.SETTINGS_FILE).exists()
+
+
+def test_following_the_overlong_advice_in_the_same_output_dir(tiny_bert, parallel_dirs, tmp_path):
+    out = tmp_path / "out"
+    argv = realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "2", "--max_seq_length", "6")
+    with pytest.raises(ValueError, match="filtered out.*use --overlong truncate"):
+        run_realign.main(argv)
+    assert not out.exists() or not any(out.iterdir())  # refused for its input: nothing recorded
+    run_realign.main([*argv, "--overlong", "truncate"])
+    settings = json.loads((out / run_realign.SETTINGS_FILE).read_text())["settings"]
+    assert settings["data.overlong"] == "truncate"
+
+
 def test_config_yaml_with_cli_override(tiny_bert, parallel_dirs, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("temperature: 0.2\nmax_steps: 4\nlanguages: fra,yor\n")
