@@ -207,6 +207,18 @@ class DataArguments:
             path = getattr(self, name)
             if path is not None and not os.path.isdir(path):
                 raise ValueError(f"--{name} {path} is not a folder.")
+        if not math.isfinite(self.sampling_temperature):
+            raise ValueError(
+                f"--sampling_temperature must be a finite positive number, got {self.sampling_temperature}."
+            )
+        for name in ("max_pairs_per_language", "max_train_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name} must be at least 1 (leave it out to keep every pair), got {getattr(self, name)}."
+                )
+        for name in ("max_eval_samples", "validation_pairs_per_language"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name} cannot be negative, got {getattr(self, name)}.")
 
 
 @dataclass
@@ -325,6 +337,8 @@ class RealignArguments:
             raise ValueError("--word_negatives must be at least 1 (the companion paper samples 512).")
         if not 0 < self.mlm_probability < 1:
             raise ValueError("--mlm_probability must be between 0 and 1 (BERT uses 0.15).")
+        if not math.isfinite(self.temperature):  # NaN passes `temperature <= 0` and makes every logit NaN
+            raise ValueError(f"--temperature must be a finite positive number (the paper: 0.1), got {self.temperature}.")
 
     @property
     def weights(self) -> dict[str, float]:
@@ -1545,6 +1559,20 @@ class RealignTrainer(Trainer):
             state_dict = without_shared_aliases(state_dict, MLM_HEAD_PREFIX)
         super()._save(output_dir, state_dict=state_dict)
 
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The Trainer would log a non-finite loss as the mean of the previous ones (--logging_nan_inf_filter), step
+        # the optimizer with NaN gradients and save the result as if nothing happened. Stopping here, before that
+        # step, keeps every checkpoint saved so far clean and writes no final model. The Trainer's filter already
+        # reads this value every step, so checking it adds no wait for the GPU.
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"The realignment loss is {loss.item()} at step {self.state.global_step + 1}: training stopped, and no "
+                "model was saved from this step on (earlier checkpoints are kept). Check --temperature, "
+                "--learning_rate and the data; under --fp16, try --bf16."
+            )
+        return loss
+
 
 def check_loss_requirements(tokenizer, realign_args: RealignArguments) -> None:
     """Fail before any work when a requested loss cannot run: no mask token for 'mlm', no aligner installed."""
@@ -1603,6 +1631,23 @@ def parse_realign_args(argv: list[str] | None = None):
             f"--train_sampling_strategy {training_args.train_sampling_strategy} is not available for realignment: "
             "pairs are drawn language by language ('random', the default) and can then be grouped by length "
             "('group_by_length')."
+        )
+    if training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError(
+            f"--max_steps must be positive for realignment, got {training_args.max_steps}: the language sampler draws "
+            "max_steps × batch pairs, so a run is as long as its steps say (the paper: 24,544); --num_train_epochs is "
+            "not used."
+        )
+    gathered = training_args.world_size if realign_args.gather_negatives else 1
+    if (
+        realign_args.alignment == "sentence"
+        and realign_args.weights["sentence"]
+        and (training_args.per_device_train_batch_size * gathered < 2)
+    ):
+        raise ValueError(
+            f"--per_device_train_batch_size {training_args.per_device_train_batch_size} leaves the contrastive loss no "
+            "negatives (each pair's negatives are the other pairs of its batch), so it is 0 and nothing is learnt. "
+            "Use at least 2 pairs per batch (the paper uses 16), or --gather_negatives with several processes."
         )
     # The src_*/tgt_* columns are not arguments of the model's forward, and the Trainer would otherwise drop them.
     training_args.remove_unused_columns = False

@@ -276,6 +276,46 @@ def test_bad_parallel_files(files, match, tiny_bert, tmp_path):
                                        for p in out.iterdir())
 
 
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--temperature", "nan"], "--temperature must be a finite positive number"),
+        (["--per_device_train_batch_size", "1"], "--per_device_train_batch_size 1 leaves the contrastive loss no neg"),
+        (["--per_device_train_batch_size", "1", "--gather_negatives"], "or --gather_negatives with several processes"),
+        (["--max_steps", "0"], "--max_steps must be positive for realignment, got 0"),
+        (["--max_steps", "-1", "--num_train_epochs", "1"], "--max_steps must be positive for realignment, got -1"),
+        (["--max_pairs_per_language", "0"], "--max_pairs_per_language must be at least 1"),
+    ],
+)
+def test_runs_that_would_train_nothing_or_garbage_are_refused(flags, match, tiny_bert, parallel_dirs, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        run_realign.main(realign_argv(tiny_bert, parallel_dirs, out, *flags))
+    assert not out.exists()
+
+
+def test_a_non_finite_loss_stops_the_run_without_a_model(tiny_bert, parallel_dirs, tmp_path, monkeypatch):
+    """From step 5 the loss is NaN (as a bad learning rate or fp16 overflow would make it): the run must fail loudly,
+    keep the clean checkpoint of step 3 and write neither a final model nor realign_config.json."""
+    calls = {"n": 0}
+    loss_function = run_realign.contrastive_alignment_loss
+
+    def nan_from_step_5(*args, **kwargs):
+        calls["n"] += 1
+        loss, stats = loss_function(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] >= 5 else loss), stats
+
+    monkeypatch.setattr(run_realign, "contrastive_alignment_loss", nan_from_step_5)
+    out = tmp_path / "out"
+    argv = realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "8", "--save_steps", "3")
+    held_out = argv.index("--eval_parallel_data_dir")
+    with pytest.raises(FloatingPointError, match="The realignment loss is nan at step 5: training stopped"):
+        run_realign.main(argv[:held_out] + argv[held_out + 2 :])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-3" / "model.safetensors").values())
+    assert not (out / "model.safetensors").exists() and not (out / run_realign.CONFIG_FILE).exists()
+
+
 def test_overlong_pairs_all_dropped(tiny_bert, parallel_dirs, tmp_path):
     argv = ["--model_name_or_path", tiny_bert, "--languages", "fra", "--parallel_data_dir", str(parallel_dirs["train"]),
             "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--use_cpu", "--max_seq_length", "4"]
