@@ -64,6 +64,13 @@ def parse_args(
         if help_overrides and action.dest in help_overrides:
             action.help = help_overrides[action.dest]
     known = {action.dest for action in parser._actions}
+    if "hub_strategy" in known:
+        # Uploads happen once, at the end, with what a model card reader needs (check_output_arguments).
+        parser.set_defaults(hub_strategy="end")
+        for action in parser._actions:
+            if action.dest == "hub_strategy" and not (help_overrides and "hub_strategy" in help_overrides):
+                action.help = "With --push_to_hub, the model, its tokenizer and card are uploaded once, at the end "
+                action.help += "('end', the only value accepted: the others upload checkpoints as they are saved)."
     if defaults:
         parser.set_defaults(**defaults)
     config_path = _pop_config_flag(argv)
@@ -80,7 +87,38 @@ def parse_args(
         for action in parser._actions:
             if action.dest in config:
                 action.required = False
-    return parser.parse_args_into_dataclasses(args=argv)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    for arguments in parsed:
+        if isinstance(arguments, TrainingArguments):
+            check_output_arguments(arguments)
+    return parsed
+
+
+def check_output_arguments(training_args: TrainingArguments) -> None:
+    """Checks of the output and Hub options that every script needs; moves `--hub_token` out of the arguments.
+
+    The Trainer pickles its arguments into `training_args.bin` in the output folder and in every checkpoint, and an
+    upload would carry that file: a `--hub_token` is therefore handed to `huggingface_hub` through the process
+    environment (HF_TOKEN, where `huggingface_hub` finds it) and erased from the arguments, so that no file holds it.
+    """
+    output_dir = training_args.output_dir
+    if output_dir and os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir} is a file; give a folder (it is created if missing).")
+    strategy = getattr(training_args.hub_strategy, "value", training_args.hub_strategy)
+    if training_args.push_to_hub and strategy != "end":
+        raise ValueError(
+            f"--hub_strategy {strategy} would upload checkpoints as they are saved (optimizer state, "
+            "training_args.bin and local paths included). These scripts upload the final model, its tokenizer and "
+            "its model card once, at the end: leave --hub_strategy at 'end'."
+        )
+    if training_args.hub_token:
+        logger.warning(
+            "--hub_token: the token is used for this run's uploads and saved nowhere. A token on the command line is "
+            "visible to other users of the machine and kept in the shell history: prefer `hf auth login` "
+            "(`huggingface-cli login`) or the HF_TOKEN environment variable."
+        )
+        os.environ["HF_TOKEN"] = training_args.hub_token
+        training_args.hub_token = None
 
 
 def _pop_config_flag(argv: list[str]) -> str | None:
@@ -287,8 +325,8 @@ def check_settings(output_dir: str, settings: dict[str, Any], filename: str, is_
     others = [name for name in SETTINGS_FILES if name != filename and (folder / name).is_file()]
     if others:
         raise ValueError(
-            f"{output_dir} holds a run of {SETTINGS_FILES[others[0]]} ({others[0]}), not of this script: the two would "
-            "resume each other's checkpoints and overwrite each other's outputs. Use another --output_dir."
+            f"{output_dir} holds a run of {SETTINGS_FILES[others[0]]} ({others[0]}), not of this script: the two "
+            "would resume each other's checkpoints and overwrite each other's outputs. Use another --output_dir."
         )
     if path.is_file():
         recorded = _read_json(path)
@@ -1019,7 +1057,8 @@ def train_unless_finished(trainer, checkpoint: str | None) -> dict[str, float]:
     finished = finished_training(trainer.args.output_dir, checkpoint)
     if finished is None:
         result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model()
+        # No upload from here (a user's save_model() pushes everything): write_downstream_model_card uploads once.
+        trainer.save_model(_internal_call=True)
         return dict(result.metrics)
     trainer.state = transformers.TrainerState.load_from_json(str(finished / TRAINER_STATE_FILE))
     logger.info(
@@ -1031,7 +1070,7 @@ def train_unless_finished(trainer, checkpoint: str | None) -> dict[str, float]:
     )
     trainer._load_from_checkpoint(str(finished))
     if finished != Path(trainer.args.output_dir):
-        trainer.save_model()  # stopped after the last checkpoint, before the final model was saved
+        trainer.save_model(_internal_call=True)  # stopped after the last checkpoint, before the final model was saved
     recorded = _read_json(Path(trainer.args.output_dir) / "train_results.json")
     return recorded if isinstance(recorded, dict) else {}
 
@@ -1097,7 +1136,8 @@ def write_downstream_model_card(
     trainer, *, finetuned_from: str, task_tag: str, dataset_ids: list[str], languages: list[str],
     tags: list[str], metrics: dict[str, float],
 ) -> None:
-    """Create (or push) the model card the way transformers' examples do, listing the languages evaluated."""
+    """Write the model card the way transformers' examples do, listing the languages evaluated and the zero-shot
+    averages, and with `--push_to_hub` upload it with the model (`push_model_folder`)."""
     import languages as lang_registry
 
     registry = lang_registry.load_registry()
@@ -1110,13 +1150,58 @@ def write_downstream_model_card(
         "tags": ["multilingual-realignment", "zero-shot-cross-lingual", *tags],
         "model_name": Path(trainer.args.output_dir).name,
     }
-    if trainer.args.push_to_hub:
-        trainer.push_to_hub(**kwargs)
+    if not trainer.is_world_process_zero():
         return
     trainer.create_model_card(**kwargs)
     averages = {k: v for k, v in metrics.items() if k.startswith("eval_avg_")}
-    if averages and trainer.is_world_process_zero():
+    if averages:
         lines = ["", "## Zero-shot evaluation", "", "Unweighted averages over the evaluated (source, language) entries:", ""]
         lines += [f"- `{key}`: {value:.4f}" for key, value in sorted(averages.items())]
         with open(Path(trainer.args.output_dir) / "README.md", "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
+    if trainer.args.push_to_hub:
+        push_model_folder(trainer, "End of training")
+
+
+# What an upload carries: what a reader of the model card needs (the model, its tokenizer, the card). The run's own
+# records (training_args.bin, *_settings.json, trainer_state.json, results files) hold local paths and stay local,
+# and so do checkpoints and every other sub-folder.
+HUB_UPLOAD_PATTERNS = (
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "chat_template.jinja",
+)
+
+
+def push_model_folder(trainer, commit_message: str, extra_files: dict[str, bytes] | None = None) -> str:
+    """Upload the model, tokenizer and card of `trainer.args.output_dir` (`HUB_UPLOAD_PATTERNS`, top level only) and
+    `extra_files` ({name: content}) to the Hub in one commit; returns the repository id.
+
+    The repository is `--hub_model_id` (or the output folder's name). The token is the one `huggingface_hub` finds:
+    HF_TOKEN, or the one saved by `hf auth login`.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    output_dir = Path(trainer.args.output_dir)
+    api = HfApi()
+    repo_id = getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id or output_dir.name
+    repo_id = api.create_repo(repo_id, private=trainer.args.hub_private_repo, exist_ok=True).repo_id
+    files = sorted({path for pattern in HUB_UPLOAD_PATTERNS for path in output_dir.glob(pattern) if path.is_file()})
+    operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path)) for path in files]
+    operations += [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in (extra_files or {}).items()
+    ]
+    api.create_commit(repo_id, operations, commit_message=commit_message, revision=trainer.args.hub_revision)
+    logger.info("Uploaded to the Hub as %s: %s", repo_id, ", ".join(op.path_in_repo for op in operations))
+    return repo_id

@@ -56,6 +56,7 @@ from realign_utils import (
     find_local_parallel_file,
     masked_mean_pool,
     parse_args,
+    push_model_folder,
     read_local_parallel,
     retrieval_precision_at_1,
     save_metrics,
@@ -338,7 +339,7 @@ class RealignArguments:
         if not 0 < self.mlm_probability < 1:
             raise ValueError("--mlm_probability must be between 0 and 1 (BERT uses 0.15).")
         if not math.isfinite(self.temperature):  # NaN passes `temperature <= 0` and makes every logit NaN
-            raise ValueError(f"--temperature must be a finite positive number (the paper: 0.1), got {self.temperature}.")
+            raise ValueError(f"--temperature must be a finite positive number (paper: 0.1), got {self.temperature}.")
 
     @property
     def weights(self) -> dict[str, float]:
@@ -1536,7 +1537,7 @@ class RealignTrainer(Trainer):
         """Save the encoder alone (projection head dropped), loadable with `AutoModelFor*.from_pretrained`."""
         self._final_save = True
         try:
-            self.save_model(output_dir)
+            self.save_model(output_dir, _internal_call=True)  # no upload from here: write_model_card uploads once
         finally:
             self._final_save = False
 
@@ -1567,8 +1568,8 @@ class RealignTrainer(Trainer):
         # reads this value every step, so checking it adds no wait for the GPU.
         if not torch.isfinite(loss).all():
             raise FloatingPointError(
-                f"The realignment loss is {loss.item()} at step {self.state.global_step + 1}: training stopped, and no "
-                "model was saved from this step on (earlier checkpoints are kept). Check --temperature, "
+                f"The realignment loss is {loss.item()} at step {self.state.global_step + 1}: training stopped, and "
+                "no model was saved from this step on (earlier checkpoints are kept). Check --temperature, "
                 "--learning_rate and the data; under --fp16, try --bf16."
             )
         return loss
@@ -1645,8 +1646,8 @@ def parse_realign_args(argv: list[str] | None = None):
         and (training_args.per_device_train_batch_size * gathered < 2)
     ):
         raise ValueError(
-            f"--per_device_train_batch_size {training_args.per_device_train_batch_size} leaves the contrastive loss no "
-            "negatives (each pair's negatives are the other pairs of its batch), so it is 0 and nothing is learnt. "
+            f"--per_device_train_batch_size {training_args.per_device_train_batch_size} leaves the contrastive loss "
+            "no negatives (each pair's negatives are the other pairs of its batch), so it is 0 and nothing is learnt. "
             "Use at least 2 pairs per batch (the paper uses 16), or --gather_negatives with several processes."
         )
     # The src_*/tgt_* columns are not arguments of the model's forward, and the Trainer would otherwise drop them.
@@ -1705,14 +1706,16 @@ def write_realign_config(trainer, settings, subset_info, pair_stats, train_metri
 
 
 def write_model_card(trainer, settings, subset_info, eval_metrics) -> None:
-    """Write the model card (`README.md`) and, with `--push_to_hub`, upload the output folder with that card.
+    """Write the model card (`README.md`) and, with `--push_to_hub`, upload it with the encoder and tokenizer.
 
     The card's metadata lists the languages (English and the realignment languages), the base model and a
     `realignment` mapping (subset, languages, steps, seed, loss options); its text adds a "Realignment" section with
     the same facts and the held-out retrieval accuracy when there was an evaluation. `Trainer.push_to_hub` is not
     used: it would regenerate the card without that section and save the model again, projection head included.
+    The upload carries what a reader of the card needs (`push_model_folder`) and `realign_config.json` without local
+    paths; the run's other records stay local.
     """
-    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub import ModelCard
 
     if not trainer.is_world_process_zero():
         return  # one card and one upload (`should_save` also holds on the other nodes with --save_on_each_node)
@@ -1757,18 +1760,12 @@ def write_model_card(trainer, settings, subset_info, eval_metrics) -> None:
     card.text = card.text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
     card.save(path)
     if trainer.args.push_to_hub:
-        trainer._finish_current_push()  # a checkpoint upload still running (--hub_strategy every_save)
-        api = HfApi(token=trainer.args.hub_token)
-        repo_id = getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id or output_dir.name
-        repo_id = api.create_repo(repo_id, private=trainer.args.hub_private_repo, exist_ok=True).repo_id
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(output_dir),
-            commit_message="End of realignment",
-            revision=trainer.args.hub_revision,
-            ignore_patterns=["_*", "checkpoint-*", "*/checkpoint-*"],
-        )
-        logger.info("Uploaded %s to the Hub as %s", output_dir, repo_id)
+        # realign_config.json goes up without the run's settings and the subset file's path (local paths).
+        config = json.loads((output_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        config.pop("settings", None)
+        config["subset"] = {k: v for k, v in config["subset"].items() if k != "path"}
+        public = {CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+        push_model_folder(trainer, "End of realignment", extra_files=public)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -98,7 +98,7 @@ def test_resume_skips_incomplete_checkpoints_and_keeps_them(tmp_path, caplog):
         realign_utils.detect_checkpoint(args_for(out, do_train=True, resume_from_checkpoint=str(weights_only)))
 
 
-# -- results ------------------------------------------------------------------------------------------------------------
+# -- results ----------------------------------------------------------------------------------------------------------
 
 
 def result_row(language: str, value: float, **kwargs) -> dict:

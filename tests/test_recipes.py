@@ -4,7 +4,6 @@ the launch configs (DeepSpeed ZeRO-2 with two CPU processes) and the model card 
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import json
 import os
@@ -14,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import PARALLEL
 from fixtures_downstream import downstream_dir_for_session
-from safetensors.torch import load_file
+from safetensors.torch import load as safetensors_load
 from transformers import AutoModel
 
 import collect_results
@@ -298,49 +298,62 @@ def test_deepspeed_zero2_two_cpu_processes(tiny_bert, parallel_dirs, tmp_path):
 # -- model card and Hub upload ------------------------------------------------------------------------------------------
 
 
-def test_push_to_hub_uploads_the_card_with_the_realignment_section(tiny_xlmr, parallel_dirs, tmp_path, monkeypatch):
-    from huggingface_hub import HfApi
-    from transformers import Trainer
-
-    uploads = []
-
-    def fake_upload_folder(self, *, repo_id, folder_path, run_as_future=False, **kwargs):
-        folder = Path(folder_path)
-        uploads.append({
-            "repo_id": repo_id, "commit_message": kwargs.get("commit_message"),
-            "ignore_patterns": kwargs.get("ignore_patterns"), "readme": (folder / "README.md").read_text()
-            if (folder / "README.md").is_file() else None,
-            "weights": set(load_file(folder / "model.safetensors")) if (folder / "model.safetensors").is_file() else None,
-        })
-        if run_as_future:
-            future = concurrent.futures.Future()
-            future.set_result(None)
-            return future
-        return None
-
-    class RepoUrl(str):
-        repo_id = "user/xlmr-base-realigned-uriel20"
-
-    def fake_init_hf_repo(self, token=None, private=None):
-        self.hub_model_id = self.args.hub_model_id
-        self.push_in_progress = None
-
-    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: RepoUrl(repo_id))
-    monkeypatch.setattr(Trainer, "init_hf_repo", fake_init_hf_repo)
+def test_push_to_hub_uploads_the_card_with_the_realignment_section(tiny_xlmr, parallel_dirs, tmp_path, fake_hub):
     out = tmp_path / "xlmr-realigned"
-    metrics = run_realign.main([
-        "--model_name_or_path", tiny_xlmr, "--languages", "fra,yor,swa", "--parallel_data_dir",
-        str(parallel_dirs["train"]), "--eval_parallel_data_dir", str(parallel_dirs["eval"]), "--output_dir", str(out),
-        "--max_steps", "4", "--per_device_train_batch_size", "4", "--use_cpu", "--seed", "7", "--reference_compat",
-        "--cache_dir", str(tmp_path / "cache"), "--push_to_hub", "--hub_model_id", "user/xlmr-base-realigned-uriel20",
-    ])
-    final = uploads[-1]
-    assert final["repo_id"] == "user/xlmr-base-realigned-uriel20" and final["commit_message"] == "End of realignment"
-    assert "checkpoint-*" in final["ignore_patterns"]
+    token = "hf_" + "x" * 34
+    metrics = run_realign.main(
+        [
+            "--model_name_or_path",
+            tiny_xlmr,
+            "--languages",
+            "fra,yor,swa",
+            "--parallel_data_dir",
+            str(parallel_dirs["train"]),
+            "--eval_parallel_data_dir",
+            str(parallel_dirs["eval"]),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--save_steps",
+            "2",
+            "--use_cpu",
+            "--seed",
+            "7",
+            "--reference_compat",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--push_to_hub",
+            "--hub_model_id",
+            "user/xlmr-base-realigned-uriel20",
+            "--hub_token",
+            token,
+        ]
+    )
+    (final,) = fake_hub
+    assert final["repo_id"] == "user/xlmr-base-realigned-uriel20" and final["message"] == "End of realignment"
+    assert final["token"] == token  # the upload is authenticated with it, ...
+    for path in out.rglob("*"):  # ... and no file of the run holds it (training_args.bin pickled it before)
+        assert not path.is_file() or token.encode() not in path.read_bytes(), path
+    assert torch.load(out / "checkpoint-2" / "training_args.bin", weights_only=False).hub_token is None
+    # What a reader of the card needs, and nothing of the run's own records (local paths) or its checkpoints.
+    assert set(final["files"]) == {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "realign_config.json",
+    }
+    public = json.loads(final["files"]["realign_config.json"])
+    assert "settings" not in public and str(tmp_path) not in final["files"]["realign_config.json"].decode()
+    assert public["languages"] == ["fra", "yor", "swa"] and public["subset"]["name"] == "custom"
     # The uploaded weights are the plain encoder: the reference-compat projection head is not in them.
-    assert final["weights"] and not any(k.startswith(run_realign.PROJECTION_PREFIX) for k in final["weights"])
-    readme = final["readme"]
+    weights = safetensors_load(final["files"]["model.safetensors"])
+    assert weights and not any(k.startswith(run_realign.PROJECTION_PREFIX) for k in weights)
+    readme = final["files"]["README.md"].decode()
     assert readme == (out / "README.md").read_text()
     meta = yaml.safe_load(readme.split("---")[1])
     assert meta["language"] == ["en", "fr", "yo", "sw"] and meta["base_model"] == tiny_xlmr
@@ -350,3 +363,22 @@ def test_push_to_hub_uploads_the_card_with_the_realignment_section(tiny_xlmr, pa
     assert "multilingual-realignment" in meta["tags"] and "subset-custom" in meta["tags"]
     assert "## Realignment" in readme and "- Steps: 4, seed 7" in readme and "fra, yor, swa" in readme
     assert f"{metrics['eval_avg_retrieval_acc']:.4f}" in readme and "| yor |" in readme
+
+
+def test_uploads_only_at_the_end(tiny_bert, parallel_dirs, tmp_path):
+    argv = [
+        "--model_name_or_path",
+        tiny_bert,
+        "--languages",
+        "fra",
+        "--parallel_data_dir",
+        str(parallel_dirs["train"]),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--use_cpu",
+        "--push_to_hub",
+        "--hub_strategy",
+        "every_save",
+    ]
+    with pytest.raises(ValueError, match="--hub_strategy every_save would upload checkpoints as they are saved"):
+        run_realign.main(argv)

@@ -294,6 +294,14 @@ def test_runs_that_would_train_nothing_or_garbage_are_refused(flags, match, tiny
     assert not out.exists()
 
 
+def test_output_dir_that_is_a_file(tiny_bert, parallel_dirs, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    with pytest.raises(ValueError, match=r"--output_dir .*notes.txt is a file; give a folder"):
+        run_realign.main(realign_argv(tiny_bert, parallel_dirs, target))
+    assert target.read_text() == "keep me"
+
+
 def test_a_non_finite_loss_stops_the_run_without_a_model(tiny_bert, parallel_dirs, tmp_path, monkeypatch):
     """From step 5 the loss is NaN (as a bad learning rate or fp16 overflow would make it): the run must fail loudly,
     keep the clean checkpoint of step 3 and write neither a final model nor realign_config.json."""

@@ -194,6 +194,42 @@ def test_rerun_of_a_finished_run_trains_nothing_and_adds_no_rows(tiny_bert, down
     unchanged(run_xnli.main(argv))
 
 
+def test_push_to_hub_uploads_the_model_and_card_only(tiny_bert, downstream_dir, cache_dir, tmp_path, fake_hub):
+    out = tmp_path / "out"
+    token = "hf_" + "y" * 34
+    run_xnli.main(
+        nli_argv(
+            tiny_bert,
+            downstream_dir,
+            out,
+            cache_dir,
+            "--eval_languages",
+            "yor",
+            "--max_steps",
+            "2",
+            "--push_to_hub",
+            "--hub_model_id",
+            "user/nli",
+            "--hub_token",
+            token,
+        )
+    )
+    (commit,) = fake_hub  # one upload, at the end (saving the model does not push by itself)
+    assert commit["repo_id"] == "user/nli" and commit["token"] == token
+    for path in out.rglob("*"):
+        assert not path.is_file() or token.encode() not in path.read_bytes(), path
+    uploaded = set(commit["files"])
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer_config.json"} <= uploaded
+    assert not uploaded & {
+        "training_args.bin",
+        "finetune_settings.json",
+        "trainer_state.json",
+        "all_results.json",
+        "results.csv",
+    } and not any("/" in name for name in uploaded)
+    assert "## Zero-shot evaluation" in commit["files"]["README.md"].decode()
+
+
 def test_hub_loading_routes_each_source_to_its_loader(tiny_bert, downstream_dir, cache_dir, tmp_path, monkeypatch):
     """Without --data_dir every source goes to the Hub: IndoNLI through its parquet branch (test_expert split),
     Myanmar-XNLI at its pinned revision; the fixture data stands in for the downloads."""
