@@ -8,8 +8,10 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,6 +149,140 @@ def test_grid_runs_once_skips_finished_cells_and_redoes_broken_ones(
     main_table = read_rows(report / f"table_main_{model}.csv")
     assert [r["subset"] for r in main_table] == ["uriel_5", "random_5"]
     assert all(r["seeds"] == "2" and r["avg"] for r in main_table)
+
+
+# A stand-in for `python` that the grid runs its steps with (--accelerate_config none): it writes the outputs the grid
+# checks, as the real scripts would, and logs each step it runs; with FAKE_STEP_HANGS=1 it starts a worker (as a
+# launcher does) and both wait until they are killed.
+FAKE_PYTHON = """#!{python}
+import json, os, subprocess, sys, time
+from pathlib import Path
+
+script, args = Path(sys.argv[1]).name, sys.argv[2:]
+value = {{flag: args[i + 1] for i, flag in enumerate(args[:-1]) if flag.startswith("--")}}
+out = Path(value["--output_dir"])
+with open(os.environ["FAKE_STEP_RUNS"], "a") as runs:
+    runs.write(f"{{os.getpid()}} {{out.name}}\\n")
+if os.environ.get("FAKE_STEP_HANGS"):
+    worker = subprocess.Popen(["sleep", "600"])
+    with open(os.environ["FAKE_STEP_RUNS"], "a") as runs:
+        runs.write(f"{{worker.pid}} worker\\n")
+    worker.wait()
+out.mkdir(parents=True, exist_ok=True)
+if script == "run_realign.py":
+    (out / "realign_config.json").write_text("{{}}")
+else:
+    metric = "f1" if value.get("--task") == "ner" else "accuracy"
+    (out / "all_results.json").write_text(json.dumps({{f"eval_avg_{{metric}}": 0.5}}))
+    results = Path(value["--results_file"])
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text("header\\nrow\\n")
+"""
+
+
+@pytest.fixture
+def fake_grid(tmp_path):
+    """Yields (command, env, runs file) of a grid of one realignment + POS whose steps run FAKE_PYTHON."""
+    python = tmp_path / "fake-python"
+    python.write_text(FAKE_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    runs = tmp_path / "runs.txt"
+    runs.touch()
+    command = [
+        sys.executable,
+        "recipes/grid.py",
+        "--models",
+        "m",
+        "--subsets",
+        "uriel_5",
+        "--seeds",
+        "17",
+        "--tasks",
+        "pos",
+        "--out_root",
+        str(tmp_path / "out"),
+        "--results_dir",
+        str(tmp_path / "results"),
+        "--accelerate_config",
+        "none",
+    ]
+    yield command, dict(os.environ, PYTHON=str(python), FAKE_STEP_RUNS=str(runs)), runs
+    for pid, _ in started(runs):  # whatever a failing test left running
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def started(runs: Path) -> list[tuple[int, str]]:
+    return [(int(pid), name) for pid, name in (line.split() for line in runs.read_text().splitlines())]
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_grid_stops_its_step_and_the_step_s_workers(stop, fake_grid):
+    command, env, runs = fake_grid
+    grid = subprocess.Popen(
+        command,
+        env=dict(env, FAKE_STEP_HANGS="1"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: len(started(runs)) == 2)  # the realignment's launcher and its worker
+    grid.send_signal(stop)
+    _, stderr = grid.communicate(timeout=60)
+    assert grid.returncode == 128 + stop and f"stopped by {signal.Signals(stop).name}" in stderr
+    wait_until(lambda: not any(alive(pid) for pid, _ in started(runs)), timeout=10)
+
+
+def test_a_step_that_outlives_a_killed_grid_is_not_started_twice(fake_grid):
+    command, env, runs = fake_grid
+    grid = subprocess.Popen(command, env=dict(env, FAKE_STEP_HANGS="1"), cwd=ROOT, stdout=subprocess.DEVNULL)
+    wait_until(lambda: len(started(runs)) == 2)
+    grid.kill()  # SIGKILL: nothing can stop the step, which goes on without the grid
+    grid.wait()
+    orphans = started(runs)
+    assert all(alive(pid) for pid, _ in orphans)
+    again = run(command, env)
+    assert again.returncode == 0 and "realign: still running, started by an earlier grid" in again.stdout
+    assert started(runs) == orphans  # no second realignment beside the first
+    for pid, _ in orphans:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not any(alive(pid) for pid, _ in orphans), timeout=10)
+    after = run(command, env)
+    assert after.returncode == 0 and after.stdout.count(": done in") == 2, after.stdout
+
+
+def test_tasks_are_redone_when_their_realignment_is(fake_grid, tmp_path):
+    command, env, runs = fake_grid
+    assert run(command, env).returncode == 0
+    group = tmp_path / "out" / "m" / "uriel_5" / "seed17"
+    (group / "pos" / "made-from-the-old-checkpoint").touch()
+    assert "finished, skipped" in run(command, env).stdout
+
+    # The realignment is done again (its outputs removed): POS, fine-tuned from the old checkpoint, is stale.
+    (group / "realign" / "realign_config.json").unlink()
+    plan = run([*command, "--dry-run"], env).stdout
+    assert re.search(r"RUN +realign", plan) and re.search(r"REDO +pos", plan)
+    again = run(command, env)
+    assert again.returncode == 0 and "pos: finished before its realignment was redone" in again.stdout
+    assert [name for _, name in started(runs)] == ["realign", "pos", "realign", "pos"]
+    assert not (group / "pos" / "made-from-the-old-checkpoint").exists()
+    assert "finished, skipped" in run(command, env).stdout
 
 
 def test_grid_plan_groups_and_cell_index(tmp_path):
