@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -358,6 +359,23 @@ def test_realign_and_evaluate_recipe(tiny_bert, parallel_dirs, downstream_dir, t
     second = run(command, env)
     assert second.returncode == 0 and "accelerate launch" not in second.stdout
     assert second.stdout.count("finished earlier") == 3 and len(read_rows(results_file)) == len(rows)
+
+    # Other realignment settings: the finished realignment (and POS, NLI from it) is not reused as if it matched.
+    changed = dict(env, REALIGN_ARGS=env["REALIGN_ARGS"] + " --temperature 0.05")
+    refused = run(command, changed)
+    assert refused.returncode == 1 and "accelerate launch" not in refused.stdout
+    assert f"{run_dir / 'realign'} was finished with other arguments" in refused.stderr
+    assert "--temperature 0.05" in refused.stderr and "delete" in refused.stderr
+
+    # Following the advice: the realignment is done again, and so are the tasks fine-tuned from the old one.
+    shutil.rmtree(run_dir / "realign")
+    third = run(command, changed)
+    assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-4000:]
+    assert third.stdout.count("accelerate launch --config_file") == 3
+    assert third.stdout.count("fine-tuned from an earlier realignment") == 2
+    assert json.loads((run_dir / "realign" / "realign_config.json").read_text())["loss"]["temperature"] == 0.05
+    assert len(read_rows(results_file)) == len(rows)  # the tasks' rows replaced, not added
+    assert "finished earlier" in run(command, changed).stdout
 
 
 # -- launch configs -----------------------------------------------------------------------------------------------------
