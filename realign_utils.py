@@ -309,6 +309,56 @@ def _read_json(path: str | Path) -> Any:
         return None
 
 
+def train_unless_finished(trainer, checkpoint: str | None, save=None) -> dict[str, float]:
+    """Train (resuming from `checkpoint` if given) and save the model, or reuse the run if it already finished.
+
+    Resumed from a checkpoint that holds its last step, the Trainer trains one step more than max_steps (step 5 of 4)
+    and moves the weights, or (when max_steps fills whole epochs) trains nothing but reports a loss of 0. When the run
+    in `output_dir` already finished (`finished_training`), its final weights are loaded instead and nothing is
+    trained. `save` saves the final model (default: `trainer.save_model()` without its upload; uploads happen once, at
+    the end, in the scripts' model-card functions). Returns the training metrics: for a finished run, those it
+    recorded in `train_results.json`.
+    """
+    output_dir = Path(trainer.args.output_dir)
+    save = save or (lambda: trainer.save_model(_internal_call=True))
+    finished = finished_training(output_dir, checkpoint)
+    if finished is None:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        save()
+        return dict(result.metrics)
+    trainer.state = transformers.TrainerState.load_from_json(str(finished / TRAINER_STATE_FILE))
+    logger.info(
+        "Training finished earlier (step %d of %d, in %s): nothing more is trained, the model is evaluated as it is. "
+        "Use a new --output_dir to train again.",
+        trainer.state.global_step,
+        trainer.state.max_steps,
+        finished,
+    )
+    trainer._load_from_checkpoint(str(finished))
+    if finished_training(output_dir, None) is None:
+        save()  # stopped after the last checkpoint, before the final model was saved
+    recorded = _read_json(output_dir / "train_results.json")
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def finished_training(output_dir: str | Path, checkpoint: str | None) -> Path | None:
+    """Where the final weights of a training run that already finished in `output_dir` are, or None.
+
+    A run is finished when the trainer state of `checkpoint` (preferred: it also holds the heads trained alongside,
+    such as realignment's projection head) or `output_dir`'s own (saved after the final model) has reached its
+    max_steps with whole weights beside it. The settings guard has made sure that the run was made with the same
+    settings.
+    """
+    for folder in ([Path(checkpoint)] if checkpoint else []) + [Path(output_dir)]:
+        state = _read_json(folder / TRAINER_STATE_FILE)
+        if not (isinstance(state, dict) and 0 < (state.get("max_steps") or 0) <= (state.get("global_step") or 0)):
+            continue
+        weights = [folder / name for name in CHECKPOINT_WEIGHT_FILES if (folder / name).is_file()]
+        if weights and all(_file_is_whole(path) for path in weights):
+            return folder
+    return None
+
+
 def check_settings(output_dir: str, settings: dict[str, Any], filename: str, is_main_process: bool = True) -> None:
     """Refuse an `output_dir` that holds a run made with other settings; record the settings otherwise.
 
@@ -1044,52 +1094,6 @@ def language_averages(entries: list[dict[str, Any]], metric_names: Iterable[str]
             values = [e[name] for e in zero_shot if e["source"] == source]
             averages[f"{prefix}_avg_{source}_{name}"] = sum(values) / len(values)
     return averages
-
-
-def train_unless_finished(trainer, checkpoint: str | None) -> dict[str, float]:
-    """Train (resuming from `checkpoint` if given) and save the model, or reuse the run if it already finished.
-
-    Resumed from a checkpoint that holds its last step, the Trainer would train one step more than max_steps (step 5
-    of 4) and move the weights. When the run in `output_dir` already finished (`finished_training`), its final
-    weights are loaded instead and nothing is trained. Returns the training metrics (for a finished run, those it
-    recorded in `train_results.json`).
-    """
-    finished = finished_training(trainer.args.output_dir, checkpoint)
-    if finished is None:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        # No upload from here (a user's save_model() pushes everything): write_downstream_model_card uploads once.
-        trainer.save_model(_internal_call=True)
-        return dict(result.metrics)
-    trainer.state = transformers.TrainerState.load_from_json(str(finished / TRAINER_STATE_FILE))
-    logger.info(
-        "Training finished earlier (step %d of %d, in %s): nothing more is trained, the model is evaluated as it is. "
-        "Use a new --output_dir to train again.",
-        trainer.state.global_step,
-        trainer.state.max_steps,
-        finished,
-    )
-    trainer._load_from_checkpoint(str(finished))
-    if finished != Path(trainer.args.output_dir):
-        trainer.save_model(_internal_call=True)  # stopped after the last checkpoint, before the final model was saved
-    recorded = _read_json(Path(trainer.args.output_dir) / "train_results.json")
-    return recorded if isinstance(recorded, dict) else {}
-
-
-def finished_training(output_dir: str, checkpoint: str | None) -> Path | None:
-    """Where the final weights of a training run that already finished in `output_dir` are, or None.
-
-    A run is finished when `output_dir`'s own trainer state (saved after the final model) or that of `checkpoint` has
-    reached its max_steps; the settings guard has made sure that the run was made with the same settings.
-    """
-    root = Path(output_dir)
-    for folder in [root] + ([Path(checkpoint)] if checkpoint else []):
-        state = _read_json(folder / TRAINER_STATE_FILE)
-        if not (isinstance(state, dict) and 0 < (state.get("max_steps") or 0) <= (state.get("global_step") or 0)):
-            continue
-        weights = [folder / name for name in CHECKPOINT_WEIGHT_FILES if (folder / name).is_file()]
-        if weights and all(_file_is_whole(path) for path in weights):
-            return folder
-    return None
 
 
 def model_provenance(model_name_or_path: str) -> dict[str, str]:

@@ -61,6 +61,7 @@ from realign_utils import (
     retrieval_precision_at_1,
     save_metrics,
     setup_logging,
+    train_unless_finished,
     write_json_atomic,
 )
 
@@ -1808,9 +1809,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     train_metrics, eval_metrics = {}, {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
-        trainer.save_encoder()
-        train_metrics = dict(train_result.metrics, train_pairs=len(train_dataset))
+        train_metrics = train_unless_finished(trainer, last_checkpoint, save=trainer.save_encoder)
+        train_metrics = dict(train_metrics, train_pairs=len(train_dataset))
         trainer.log_metrics("train", train_metrics)
         save_metrics(trainer, "train", train_metrics)
         trainer.save_state()

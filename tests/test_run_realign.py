@@ -168,10 +168,13 @@ def test_settings_guard_compares_resolved_settings_and_knows_its_checkpoints(tin
     argv = realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "3", "--save_steps", "3")
     at = argv.index("--languages") + 1
     argv[at] = "fra,yor"
-    run_realign.main(argv)
-    argv[at] = "FRA,Yo"  # the same languages, spelt otherwise
-    run_realign.main(argv)
+    first = run_realign.main(argv)
+    weights = load_file(out / "model.safetensors")
+    argv[at] = "FRA,Yo"  # the same languages, spelt otherwise: the same finished run, which trains nothing more
+    again = run_realign.main(argv)
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    assert again["train_loss"] == first["train_loss"] > 0  # the run's loss, not that of zero steps
+    assert all(torch.equal(value, weights[key]) for key, value in load_file(out / "model.safetensors").items())
 
     # Checkpoints whose settings file is gone cannot be told apart from another run's: refused, not resumed.
     (out / run_realign.SETTINGS_FILE).unlink()
