@@ -1,10 +1,11 @@
 """Plumbing shared by the scripts of this folder, in the spirit of transformers' `utils_qa.py`.
 
-Only what is identical across scripts and rarely changed lives here: `--config` YAML parsing, logging set-up, resuming,
-the settings guard of an `output_dir`, sentence pooling, retrieval metrics and results writing, and for the downstream
-scripts: evaluation-language resolution, local / Hub split loading, label mapping by name, the per-language
-evaluation loop and its averages. Everything a user is expected to adapt (preprocessing, label alignment, losses,
-metrics, Trainer subclasses) stays in the scripts.
+Only what is identical across scripts and rarely changed lives here: `--config` YAML parsing, logging set-up, resuming
+(from the newest complete checkpoint, or not at all for a finished run), the settings guard of an `output_dir`, sentence
+pooling, retrieval metrics, results writing and Hub uploads, and for the downstream scripts: evaluation-language
+resolution, local / Hub split loading, label mapping by name, the per-language evaluation loop and its averages.
+Everything a user is expected to adapt (preprocessing, label alignment, losses, metrics, Trainer subclasses) stays in
+the scripts.
 """
 
 from __future__ import annotations
