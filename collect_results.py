@@ -114,19 +114,39 @@ def read_results(paths: list[str]) -> list[dict[str, Any]]:
     """The rows of every results table found; CSV files with another header are skipped with a warning."""
     rows: list[dict[str, Any]] = []
     for path in find_tables(paths):
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames != RESULTS_COLUMNS:
-                logger.warning("Skipping %s: its columns %s are not the results schema.", path, reader.fieldnames)
-                continue
-            for lineno, row in enumerate(reader, start=2):
-                try:
-                    row["seed"] = int(row["seed"])
-                    row["value"] = float(row["value"])
-                except ValueError as err:
-                    raise ValueError(f"{path}:{lineno}: bad seed or value ({err}).") from err
-                row["_order"] = len(rows)
-                rows.append(row)
+        try:
+            rows += _read_table(path, first_order=len(rows))
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); a results table is the UTF-8 CSV the "
+                "scripts write. Move the file out of the folder, or give collect_results.py the other tables."
+            ) from err
+    return rows
+
+
+def _read_table(path: Path, first_order: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != RESULTS_COLUMNS:
+            logger.warning("Skipping %s: its columns %s are not the results schema.", path, reader.fieldnames)
+            return []
+        for row in reader:
+            if None in row or None in row.values():  # DictReader's marks for extra and missing fields
+                extra = row.pop(None, None) or []
+                fields = sum(value is not None for value in row.values()) + len(extra)
+                raise ValueError(
+                    f"{path}:{reader.line_num}: {fields} fields where the header has {len(RESULTS_COLUMNS)}: the "
+                    "line is cut short or malformed (a copy or a disk that filled up?). Remove the line, or run the "
+                    "task that wrote the table again."
+                )
+            try:
+                row["seed"] = int(row["seed"])
+                row["value"] = float(row["value"])
+            except ValueError as err:
+                raise ValueError(f"{path}:{reader.line_num}: bad seed or value ({err}).") from err
+            row["_order"] = first_order + len(rows)
+            rows.append(row)
     return rows
 
 

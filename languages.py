@@ -186,7 +186,7 @@ def _check_entry(raw: Any, index: int, path: Path) -> Language:
         raise fail(f"flores must look like 'yor_Latn', got {raw['flores']!r}.")
     for key in ("aliases", "notes"):
         if not all(isinstance(item, str) and item for item in raw[key]):
-            raise fail(f"{key} must be a list of non-empty strings, got {raw[key]!r}.")
+            raise fail(f"{key} must be a list of non-empty strings, got {raw[key]!r}.{_yaml_hint(raw[key])}")
     evaluation = raw["eval"]
     if set(evaluation) != set(EVAL_RESOURCES):
         raise fail(
@@ -208,7 +208,9 @@ def _check_entry(raw: Any, index: int, path: Path) -> Language:
     return Language(
         code=raw["code"],
         name=raw["name"],
-        aliases=tuple(raw["aliases"]),
+        # Other spellings only: the code and the ISO 639-1 code are looked up anyway, and listing them again would
+        # repeat them in every message that lists a language's accepted names.
+        aliases=tuple(dict.fromkeys(a for a in raw["aliases"] if a not in (raw["code"], raw["iso639_1"]))),
         iso639_1=raw["iso639_1"],
         script=raw["script"],
         family=raw["family"],
@@ -224,6 +226,15 @@ def _check_entry(raw: Any, index: int, path: Path) -> Language:
         eval={key: evaluation[key] for key in EVAL_RESOURCES},
         notes=tuple(raw["notes"]),
     )
+
+
+def _yaml_hint(values: Any) -> str:
+    """A hint for YAML 1.1 booleans among values meant as codes: an unquoted `no` (Norwegian) is read as false."""
+    if isinstance(values, list) and any(isinstance(value, bool) for value in values):
+        return (
+            " YAML reads an unquoted no, off or n as false (and yes, on or y as true): quote such a code, e.g. 'no'."
+        )
+    return ""
 
 
 def _read_registry(path: Path) -> Registry:
@@ -375,7 +386,8 @@ def load_subset(path_or_name: str | Path, registry: Registry | None = None, seed
         if "languages" not in data or printed is None:
             raise ValueError(f"{path}: missing 'languages' (a YAML list of codes); only strategy: random may omit it.")
         if not isinstance(printed, list) or not all(isinstance(code, str) for code in printed):
-            raise ValueError(f"{path}: languages must be a YAML list of code strings, got {printed!r}.")
+            hint = _yaml_hint(printed)
+            raise ValueError(f"{path}: languages must be a YAML list of code strings, got {printed!r}.{hint}")
         if data.get("pool") is not None:
             raise ValueError(f"{path}: 'pool' is only meaningful with strategy: random.")
         languages = []

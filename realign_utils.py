@@ -1,10 +1,11 @@
 """Plumbing shared by the scripts of this folder, in the spirit of transformers' `utils_qa.py`.
 
-Only what is identical across scripts and rarely changed lives here: `--config` YAML parsing, logging set-up, resuming,
-the settings guard of an `output_dir`, sentence pooling, retrieval metrics and results writing, and for the downstream
-scripts: evaluation-language resolution, local / Hub split loading, label mapping by name, the per-language
-evaluation loop and its averages. Everything a user is expected to adapt (preprocessing, label alignment, losses,
-metrics, Trainer subclasses) stays in the scripts.
+Only what is identical across scripts and rarely changed lives here: `--config` YAML parsing, logging set-up, resuming
+(from the newest complete checkpoint, or not at all for a finished run), the settings guard of an `output_dir`, sentence
+pooling, retrieval metrics, results writing and Hub uploads, and for the downstream scripts: evaluation-language
+resolution, local / Hub split loading, label mapping by name, the per-language evaluation loop and its averages.
+Everything a user is expected to adapt (preprocessing, label alignment, losses, metrics, Trainer subclasses) stays in
+the scripts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ import torch
 import transformers
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,13 @@ def parse_args(
         if help_overrides and action.dest in help_overrides:
             action.help = help_overrides[action.dest]
     known = {action.dest for action in parser._actions}
+    if "hub_strategy" in known:
+        # Uploads happen once, at the end, with what a model card reader needs (check_output_arguments).
+        parser.set_defaults(hub_strategy="end")
+        for action in parser._actions:
+            if action.dest == "hub_strategy" and not (help_overrides and "hub_strategy" in help_overrides):
+                action.help = "With --push_to_hub, the model, its tokenizer and card are uploaded once, at the end "
+                action.help += "('end', the only value accepted: the others upload checkpoints as they are saved)."
     if defaults:
         parser.set_defaults(**defaults)
     config_path = _pop_config_flag(argv)
@@ -80,7 +89,38 @@ def parse_args(
         for action in parser._actions:
             if action.dest in config:
                 action.required = False
-    return parser.parse_args_into_dataclasses(args=argv)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    for arguments in parsed:
+        if isinstance(arguments, TrainingArguments):
+            check_output_arguments(arguments)
+    return parsed
+
+
+def check_output_arguments(training_args: TrainingArguments) -> None:
+    """Checks of the output and Hub options that every script needs; moves `--hub_token` out of the arguments.
+
+    The Trainer pickles its arguments into `training_args.bin` in the output folder and in every checkpoint, and an
+    upload would carry that file: a `--hub_token` is therefore handed to `huggingface_hub` through the process
+    environment (HF_TOKEN, where `huggingface_hub` finds it) and erased from the arguments, so that no file holds it.
+    """
+    output_dir = training_args.output_dir
+    if output_dir and os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir} is a file; give a folder (it is created if missing).")
+    strategy = getattr(training_args.hub_strategy, "value", training_args.hub_strategy)
+    if training_args.push_to_hub and strategy != "end":
+        raise ValueError(
+            f"--hub_strategy {strategy} would upload checkpoints as they are saved (optimizer state, "
+            "training_args.bin and local paths included). These scripts upload the final model, its tokenizer and "
+            "its model card once, at the end: leave --hub_strategy at 'end'."
+        )
+    if training_args.hub_token:
+        logger.warning(
+            "--hub_token: the token is used for this run's uploads and saved nowhere. A token on the command line is "
+            "visible to other users of the machine and kept in the shell history: prefer `hf auth login` "
+            "(`huggingface-cli login`) or the HF_TOKEN environment variable."
+        )
+        os.environ["HF_TOKEN"] = training_args.hub_token
+        training_args.hub_token = None
 
 
 def _pop_config_flag(argv: list[str]) -> str | None:
@@ -139,28 +179,213 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def detect_checkpoint(training_args: TrainingArguments) -> str | None:
-    """Return the checkpoint to resume from: `--resume_from_checkpoint`, else the last one in `output_dir`."""
+    """Return the checkpoint to resume from: `--resume_from_checkpoint`, else the newest complete one in `output_dir`.
+
+    A run killed while saving leaves a checkpoint folder without its trainer state (or with files cut short), which
+    the Trainer cannot resume; such folders are skipped with a warning and left as they are (training overwrites them
+    when it reaches their step again). An incomplete `--resume_from_checkpoint` is an error.
+    """
+    world_size = training_args.world_size
     if training_args.resume_from_checkpoint:
-        return training_args.resume_from_checkpoint
-    if os.path.isdir(training_args.output_dir) and training_args.do_train:
-        last = get_last_checkpoint(training_args.output_dir)
-        if last is not None:
-            logger.info("Resuming from %s (found in --output_dir; use a new --output_dir to start over).", last)
-            return last
+        path = Path(training_args.resume_from_checkpoint)
+        problems = checkpoint_problems(path, world_size)
+        if problems:
+            newest = _newest_complete_checkpoint(path.parent, world_size)[0] if path.parent.is_dir() else None
+            hint = "Give a complete checkpoint (model, optimizer, scheduler, RNG and trainer state), or leave the "
+            hint += "flag out to start from the beginning."
+            if newest:
+                hint = f"The newest complete checkpoint beside it is {newest}."
+            raise ValueError(f"--resume_from_checkpoint {path} cannot be resumed: {'; '.join(problems)}. {hint}")
+        return str(path)
+    if not (training_args.do_train and os.path.isdir(training_args.output_dir)):
+        return None
+    checkpoint, skipped = _newest_complete_checkpoint(Path(training_args.output_dir), world_size)
+    if skipped:
+        logger.warning(
+            "Skipping %d incomplete checkpoint(s) in %s, left as they are (a run was stopped while saving them; "
+            "training overwrites them when it reaches their step again): %s",
+            len(skipped),
+            training_args.output_dir,
+            "; ".join(skipped),
+        )
+    if checkpoint is not None:
+        logger.info("Resuming from %s (found in --output_dir; use a new --output_dir to start over).", checkpoint)
+    elif skipped:
+        logger.warning("No complete checkpoint in %s: training starts from the beginning.", training_args.output_dir)
+    return checkpoint
+
+
+# What the Trainer writes into a checkpoint, in the order it writes them: the weights (one of these, or a DeepSpeed
+# `global_step*` / FSDP folder), the optimizer, scheduler and RNG states, and last the trainer state.
+CHECKPOINT_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_problems(folder: str | Path, world_size: int = 1) -> list[str]:
+    """Why `folder` cannot be resumed by the Trainer (missing or cut-short files); empty for a complete checkpoint.
+
+    Only headers and archive directories are read (no tensor is loaded): a safetensors file must be as long as its
+    header says, and `torch.save` files (optimizer, scheduler, RNG) must be whole zip archives, whose directory is
+    written last.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder} is not a folder"]
+    problems = []
+    state = _read_json(folder / TRAINER_STATE_FILE)
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        exists = (folder / TRAINER_STATE_FILE).is_file()
+        problems.append(f"{TRAINER_STATE_FILE} is {'unreadable' if exists else 'missing'}")
+    entries = list(folder.iterdir())
+    deepspeed = any(p.is_dir() and p.name.startswith("global_step") for p in entries)
+    fsdp = any("pytorch_model_fsdp" in p.name for p in entries)
+    weights = [folder / name for name in CHECKPOINT_WEIGHT_FILES if (folder / name).is_file()]
+    for index in [p for p in weights if p.name.endswith(".index.json")]:
+        shards = sorted(set((_read_json(index) or {}).get("weight_map", {}).values()))
+        weights += [folder / name for name in shards]
+        problems += [f"no {name} (listed in {index.name})" for name in shards if not (folder / name).is_file()]
+    weights = [p for p in weights if p.is_file()]
+    if not (weights or deepspeed or fsdp):
+        problems.append("no model weights")
+    if not (deepspeed or any(p.name.startswith("optimizer") for p in entries)):
+        problems.append("no optimizer state")
+    if not (deepspeed or (folder / "scheduler.pt").is_file()):
+        problems.append("no scheduler state")
+    # One process saves rng_state.pth; under several, each saves rng_state_<rank>.pth.
+    per_rank = [folder / f"rng_state_{rank}.pth" for rank in range(max(1, world_size))]
+    single = folder / "rng_state.pth"
+    rng = [single] if single.is_file() or (world_size <= 1 and not per_rank[0].is_file()) else per_rank
+    problems += [f"no {p.name}" for p in rng if not p.is_file()]
+    torch_files = [p for p in (folder / "optimizer.pt", folder / "scheduler.pt", *rng) if p.is_file()]
+    for path in [*weights, *torch_files]:
+        if not _file_is_whole(path):
+            problems.append(f"{path.name} is cut short")
+    return problems
+
+
+def _newest_complete_checkpoint(folder: Path, world_size: int) -> tuple[str | None, list[str]]:
+    """The newest complete `checkpoint-N` of `folder` (by N), and a description of each newer incomplete one."""
+    steps = {}
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if path.is_dir() and suffix.isdigit():
+            steps[int(suffix)] = path
+    skipped = []
+    for step in sorted(steps, reverse=True):
+        problems = checkpoint_problems(steps[step], world_size)
+        if not problems:
+            return str(steps[step]), skipped
+        skipped.append(f"{steps[step].name} ({', '.join(problems)})")
+    return None, skipped
+
+
+def _file_is_whole(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        try:
+            with open(path, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(length))
+        except (OSError, ValueError):
+            return False
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size >= 8 + length + end
+    if path.suffix in (".pt", ".pth", ".bin"):
+        return zipfile.is_zipfile(path)
+    if path.suffix == ".json":
+        return _read_json(path) is not None
+    return True
+
+
+def _read_json(path: str | Path) -> Any:
+    """The parsed content of a JSON file, or None if it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def train_unless_finished(trainer, checkpoint: str | None, save=None) -> dict[str, float]:
+    """Train (resuming from `checkpoint` if given) and save the model, or reuse the run if it already finished.
+
+    Resumed from a checkpoint that holds its last step, the Trainer trains one step more than max_steps (step 5 of 4)
+    and moves the weights, or (when max_steps fills whole epochs) trains nothing but reports a loss of 0. When the run
+    in `output_dir` already finished (`finished_training`), its final weights are loaded instead and nothing is
+    trained. `save` saves the final model (default: `trainer.save_model()` without its upload; uploads happen once, at
+    the end, in the scripts' model-card functions). Returns the training metrics: for a finished run, those it
+    recorded in `train_results.json`.
+    """
+    output_dir = Path(trainer.args.output_dir)
+    save = save or (lambda: trainer.save_model(_internal_call=True))
+    finished = finished_training(output_dir, checkpoint)
+    if finished is None:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        save()
+        return dict(result.metrics)
+    trainer.state = transformers.TrainerState.load_from_json(str(finished / TRAINER_STATE_FILE))
+    logger.info(
+        "Training finished earlier (step %d of %d, in %s): nothing more is trained, the model is evaluated as it is. "
+        "Use a new --output_dir to train again.",
+        trainer.state.global_step,
+        trainer.state.max_steps,
+        finished,
+    )
+    trainer._load_from_checkpoint(str(finished))
+    if finished_training(output_dir, None) is None:
+        save()  # stopped after the last checkpoint, before the final model was saved
+    recorded = _read_json(output_dir / "train_results.json")
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def finished_training(output_dir: str | Path, checkpoint: str | None) -> Path | None:
+    """Where the final weights of a training run that already finished in `output_dir` are, or None.
+
+    A run is finished when the trainer state of `checkpoint` (preferred: it also holds the heads trained alongside,
+    such as realignment's projection head) or `output_dir`'s own (saved after the final model) has reached its
+    max_steps with whole weights beside it. The settings guard has made sure that the run was made with the same
+    settings.
+    """
+    for folder in ([Path(checkpoint)] if checkpoint else []) + [Path(output_dir)]:
+        state = _read_json(folder / TRAINER_STATE_FILE)
+        if not (isinstance(state, dict) and 0 < (state.get("max_steps") or 0) <= (state.get("global_step") or 0)):
+            continue
+        weights = [folder / name for name in CHECKPOINT_WEIGHT_FILES if (folder / name).is_file()]
+        if weights and all(_file_is_whole(path) for path in weights):
+            return folder
     return None
 
 
 def check_settings(output_dir: str, settings: dict[str, Any], filename: str, is_main_process: bool = True) -> None:
     """Refuse an `output_dir` that holds a run made with other settings; record the settings otherwise.
 
-    The settings file is written before training starts, so an interrupted run is recognised as well as a finished
-    one. Only settings that change the result belong in `settings` (not logging or output options).
+    Scripts call it once their input is known to be good and before training starts, so an interrupted run is
+    recognised as well as a finished one, and a run refused for its input leaves nothing behind. Only settings that
+    change the result belong in `settings` (not logging or output options), resolved (canonical language codes, not
+    the flag as typed). A setting recorded by an earlier version and no longer recorded is not compared. Also refused:
+    a folder holding another script's run (`SETTINGS_FILES`), and checkpoints without a settings file, whose settings
+    are unknown.
     """
-    path = Path(output_dir) / filename
+    folder = Path(output_dir)
+    path = folder / filename
     settings = json.loads(json.dumps(settings, default=str))
+    others = [name for name in SETTINGS_FILES if name != filename and (folder / name).is_file()]
+    if others:
+        raise ValueError(
+            f"{output_dir} holds a run of {SETTINGS_FILES[others[0]]} ({others[0]}), not of this script: the two "
+            "would resume each other's checkpoints and overwrite each other's outputs. Use another --output_dir."
+        )
     if path.is_file():
-        previous = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
-        differing = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        recorded = _read_json(path)
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("settings"), dict):
+            raise ValueError(f"{path} is not a settings file written by this script. Use another --output_dir.")
+        previous = recorded["settings"]
+        differing = sorted(k for k in settings if previous.get(k) != settings[k])
         if differing:
             details = "; ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in differing[:10])
             raise ValueError(
@@ -168,6 +393,13 @@ def check_settings(output_dir: str, settings: dict[str, Any], filename: str, is_
                 f"{output_dir} to start over."
             )
         return
+    checkpoints = sorted(p.name for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir())
+    if checkpoints:
+        raise ValueError(
+            f"{output_dir} holds checkpoints ({', '.join(checkpoints[:3])}) but no {filename}: the settings that made "
+            f"them are unknown, and resuming them could mix two runs. Use a new --output_dir, or delete {output_dir} "
+            "to start over."
+        )
     if is_main_process:
         write_json_atomic(path, {"settings": settings})
 
@@ -553,10 +785,16 @@ def _is_language_key(key: str, prefix: str, suffix: str) -> bool:
     return bool(middle) and middle not in {"loss", "runtime", "samples_per_second", "steps_per_second"}
 
 
+# A results row is identified by every column but these two: a run evaluated again replaces its rows.
+RESULTS_KEY = [c for c in RESULTS_COLUMNS if c not in ("timestamp", "value")]
+
+
 def append_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     """Append tidy rows to the results table (CSV with the fixed `RESULTS_COLUMNS` header); returns rows written.
 
-    The table is rewritten through a temporary file, so a crash leaves either the old or the new table.
+    A row whose `RESULTS_KEY` (model, subset, seed, task, source, language, metric and run_dir) is already in the
+    table replaces that row in place, so a run evaluated again (a re-run command, a grid cell done again) never
+    counts twice. The table is rewritten through a temporary file, so a crash leaves either the old or the new table.
     """
     path = Path(path)
     rows = [dict(row) for row in rows]
@@ -568,7 +806,7 @@ def append_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
             raise ValueError(f"Result row has columns outside the results schema: {sorted(unknown)}")
         if hasattr(row.get("value"), "item"):
             row["value"] = row["value"].item()
-    existing: list[dict[str, str]] = []
+    existing: list[dict[str, Any]] = []
     if path.is_file():
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -577,12 +815,56 @@ def append_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
                     f"{path} has columns {reader.fieldnames}, expected {RESULTS_COLUMNS}. Write to a new --results_file."
                 )
             existing = list(reader)
+
+    def key(row):
+        return tuple(str(row.get(column)) for column in RESULTS_KEY)
+
+    position = {key(row): index for index, row in enumerate(existing)}
+    replaced = 0
+    for row in rows:
+        index = position.get(key(row))
+        if index is None:
+            position[key(row)] = len(existing)
+            existing.append(row)
+        else:
+            existing[index] = row
+            replaced += 1
+    if replaced:
+        logger.info("%s: %d row(s) of an earlier evaluation of the same run replaced by this one's.", path, replaced)
     with atomic_writer(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RESULTS_COLUMNS)
         writer.writeheader()
         writer.writerows(existing)
-        writer.writerows(rows)
     return len(rows)
+
+
+def save_metrics(trainer, split: str, metrics: dict[str, float]) -> None:
+    """`Trainer.save_metrics(split, metrics)` through `write_json_atomic`, on the main process.
+
+    The Trainer rewrites `all_results.json` in place and reads it back first: a run stopped while it was writing left
+    half a file, and every later run failed in `json.load`. Here both files are replaced whole, and an unreadable
+    `all_results.json` is rebuilt (with a warning) from the `<split>_results.json` files beside it.
+    """
+    if not trainer.is_world_process_zero():
+        return
+    output_dir = Path(trainer.args.output_dir)
+    write_json_atomic(output_dir / f"{split}_results.json", metrics)
+    combined_path = output_dir / "all_results.json"
+    combined = _read_json(combined_path)
+    if not isinstance(combined, dict):
+        parts = sorted(p for p in output_dir.glob("*_results.json") if p != combined_path)
+        if combined_path.exists():
+            logger.warning(
+                "%s is unreadable (a run was probably stopped while writing it); rebuilt from %s.",
+                combined_path,
+                ", ".join(p.name for p in parts),
+            )
+        combined = {}
+        for part in parts:
+            content = _read_json(part)
+            combined.update(content if isinstance(content, dict) else {})
+    combined.update(metrics)
+    write_json_atomic(combined_path, combined)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -591,7 +873,13 @@ def append_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
 
 # Written by run_realign.py next to a realigned checkpoint (its CONFIG_FILE); read here to fill the results table.
 REALIGN_CONFIG_FILE = "realign_config.json"
+REALIGN_SETTINGS_FILE = "realign_settings.json"  # run_realign.py's SETTINGS_FILE
 FINETUNE_SETTINGS_FILE = "finetune_settings.json"
+# The settings file each script keeps in its output_dir (check_settings): a folder holding one is that script's run.
+SETTINGS_FILES = {
+    REALIGN_SETTINGS_FILE: "run_realign.py",
+    FINETUNE_SETTINGS_FILE: "run_token_classification.py or run_xnli.py",
+}
 ENGLISH = "eng"
 # Local file formats every downstream source accepts; scripts add their own raw formats (CoNLL-U, "token TAG" text).
 LOCAL_TABLE_EXTENSIONS = (".parquet", ".jsonl", ".json")
@@ -1079,7 +1367,8 @@ def write_downstream_model_card(
     trainer, *, finetuned_from: str, task_tag: str, dataset_ids: list[str], languages: list[str],
     tags: list[str], metrics: dict[str, float],
 ) -> None:
-    """Create (or push) the model card the way transformers' examples do, listing the languages evaluated."""
+    """Write the model card the way transformers' examples do, listing the languages evaluated and the zero-shot
+    averages, and with `--push_to_hub` upload it with the model (`push_model_folder`)."""
     import languages as lang_registry
 
     registry = lang_registry.load_registry()
@@ -1092,13 +1381,58 @@ def write_downstream_model_card(
         "tags": ["multilingual-realignment", "zero-shot-cross-lingual", *tags],
         "model_name": Path(trainer.args.output_dir).name,
     }
-    if trainer.args.push_to_hub:
-        trainer.push_to_hub(**kwargs)
+    if not trainer.is_world_process_zero():
         return
     trainer.create_model_card(**kwargs)
     averages = {k: v for k, v in metrics.items() if k.startswith("eval_avg_")}
-    if averages and trainer.is_world_process_zero():
+    if averages:
         lines = ["", "## Zero-shot evaluation", "", "Unweighted averages over the evaluated (source, language) entries:", ""]
         lines += [f"- `{key}`: {value:.4f}" for key, value in sorted(averages.items())]
         with open(Path(trainer.args.output_dir) / "README.md", "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
+    if trainer.args.push_to_hub:
+        push_model_folder(trainer, "End of training")
+
+
+# What an upload carries: what a reader of the model card needs (the model, its tokenizer, the card). The run's own
+# records (training_args.bin, *_settings.json, trainer_state.json, results files) hold local paths and stay local,
+# and so do checkpoints and every other sub-folder.
+HUB_UPLOAD_PATTERNS = (
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "chat_template.jinja",
+)
+
+
+def push_model_folder(trainer, commit_message: str, extra_files: dict[str, bytes] | None = None) -> str:
+    """Upload the model, tokenizer and card of `trainer.args.output_dir` (`HUB_UPLOAD_PATTERNS`, top level only) and
+    `extra_files` ({name: content}) to the Hub in one commit; returns the repository id.
+
+    The repository is `--hub_model_id` (or the output folder's name). The token is the one `huggingface_hub` finds:
+    HF_TOKEN, or the one saved by `hf auth login`.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    output_dir = Path(trainer.args.output_dir)
+    api = HfApi()
+    repo_id = getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id or output_dir.name
+    repo_id = api.create_repo(repo_id, private=trainer.args.hub_private_repo, exist_ok=True).repo_id
+    files = sorted({path for pattern in HUB_UPLOAD_PATTERNS for path in output_dir.glob(pattern) if path.is_file()})
+    operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path)) for path in files]
+    operations += [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in (extra_files or {}).items()
+    ]
+    api.create_commit(repo_id, operations, commit_message=commit_message, revision=trainer.args.hub_revision)
+    logger.info("Uploaded to the Hub as %s: %s", repo_id, ", ".join(op.path_in_repo for op in operations))
+    return repo_id

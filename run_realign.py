@@ -59,9 +59,12 @@ from realign_utils import (
     masked_mean_pool,
     parse_args,
     pooling_special_ids,
+    push_model_folder,
     read_local_parallel,
     retrieval_precision_at_1,
+    save_metrics,
     setup_logging,
+    train_unless_finished,
     write_json_atomic,
 )
 
@@ -213,6 +216,18 @@ class DataArguments:
             path = getattr(self, name)
             if path is not None and not os.path.isdir(path):
                 raise ValueError(f"--{name} {path} is not a folder.")
+        if not math.isfinite(self.sampling_temperature):
+            raise ValueError(
+                f"--sampling_temperature must be a finite positive number, got {self.sampling_temperature}."
+            )
+        for name in ("max_pairs_per_language", "max_train_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name} must be at least 1 (leave it out to keep every pair), got {getattr(self, name)}."
+                )
+        for name in ("max_eval_samples", "validation_pairs_per_language"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name} cannot be negative, got {getattr(self, name)}.")
 
 
 @dataclass
@@ -365,6 +380,8 @@ class RealignArguments:
             raise ValueError("--length_buckets must be at least 1 (1: one forward pass per batch).")
         if self.length_buckets > 1 and self.alignment == "word":
             raise ValueError("--length_buckets applies to --alignment sentence only; drop it for --alignment word.")
+        if not math.isfinite(self.temperature):  # NaN passes `temperature <= 0` and makes every logit NaN
+            raise ValueError(f"--temperature must be a finite positive number (paper: 0.1), got {self.temperature}.")
 
     @property
     def weights(self) -> dict[str, float]:
@@ -1699,7 +1716,7 @@ class RealignTrainer(Trainer):
         """Save the encoder alone (projection head dropped), loadable with `AutoModelFor*.from_pretrained`."""
         self._final_save = True
         try:
-            self.save_model(output_dir)
+            self.save_model(output_dir, _internal_call=True)  # no upload from here: write_model_card uploads once
         finally:
             self._final_save = False
 
@@ -1721,6 +1738,20 @@ class RealignTrainer(Trainer):
             state_dict = state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model).state_dict()
             state_dict = without_shared_aliases(state_dict, MLM_HEAD_PREFIX)
         super()._save(output_dir, state_dict=state_dict)
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The Trainer would log a non-finite loss as the mean of the previous ones (--logging_nan_inf_filter), step
+        # the optimizer with NaN gradients and save the result as if nothing happened. Stopping here, before that
+        # step, keeps every checkpoint saved so far clean and writes no final model. The Trainer's filter already
+        # reads this value every step, so checking it adds no wait for the GPU.
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"The realignment loss is {loss.item()} at step {self.state.global_step + 1}: training stopped, and "
+                "no model was saved from this step on (earlier checkpoints are kept). Check --temperature, "
+                "--learning_rate and the data; under --fp16, try --bf16."
+            )
+        return loss
 
 
 def check_loss_requirements(tokenizer, realign_args: RealignArguments) -> None:
@@ -1781,6 +1812,23 @@ def parse_realign_args(argv: list[str] | None = None):
             "pairs are drawn language by language ('random', the default) and can then be grouped by length "
             "('group_by_length')."
         )
+    if training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError(
+            f"--max_steps must be positive for realignment, got {training_args.max_steps}: the language sampler draws "
+            "max_steps × batch pairs, so a run is as long as its steps say (the paper: 24,544); --num_train_epochs is "
+            "not used."
+        )
+    gathered = training_args.world_size if realign_args.gather_negatives else 1
+    if (
+        realign_args.alignment == "sentence"
+        and realign_args.weights["sentence"]
+        and (training_args.per_device_train_batch_size * gathered < 2)
+    ):
+        raise ValueError(
+            f"--per_device_train_batch_size {training_args.per_device_train_batch_size} leaves the contrastive loss "
+            "no negatives (each pair's negatives are the other pairs of its batch), so it is 0 and nothing is learnt. "
+            "Use at least 2 pairs per batch (the paper uses 16), or --gather_negatives with several processes."
+        )
     # The src_*/tgt_* columns are not arguments of the model's forward, and the Trainer would otherwise drop them.
     training_args.remove_unused_columns = False
     if training_args.world_size > 1:
@@ -1809,12 +1857,14 @@ def run_settings(model_args, data_args, realign_args, training_args, codes, subs
         "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "bf16", "fp16",
         "train_sampling_strategy",
     )
+    # --subset and --languages as typed are left out: `subset` and `languages` are what they resolve to.
+    unrecorded = ("subset", "languages", "preprocessing_num_workers", "overwrite_cache")
     return {
         "model_name_or_path": model_args.model_name_or_path,
         "freeze_word_embeddings": model_args.freeze_word_embeddings,
         "subset": subset_info["name"],
         "languages": codes,
-        **{f"data.{k}": v for k, v in asdict_public(data_args).items() if k not in ("preprocessing_num_workers", "overwrite_cache")},
+        **{f"data.{k}": v for k, v in asdict_public(data_args).items() if k not in unrecorded},
         **{f"loss.{k}": v for k, v in asdict_public(realign_args).items() if k != "length_buckets"},  # speed only
         **{f"training.{k}": getattr(training_args, k) for k in training_keys},
     }
@@ -1838,14 +1888,16 @@ def write_realign_config(trainer, settings, subset_info, pair_stats, train_metri
 
 
 def write_model_card(trainer, settings, subset_info, eval_metrics) -> None:
-    """Write the model card (`README.md`) and, with `--push_to_hub`, upload the output folder with that card.
+    """Write the model card (`README.md`) and, with `--push_to_hub`, upload it with the encoder and tokenizer.
 
     The card's metadata lists the languages (English and the realignment languages), the base model and a
     `realignment` mapping (subset, languages, steps, seed, loss options); its text adds a "Realignment" section with
     the same facts and the held-out retrieval accuracy when there was an evaluation. `Trainer.push_to_hub` is not
     used: it would regenerate the card without that section and save the model again, projection head included.
+    The upload carries what a reader of the card needs (`push_model_folder`) and `realign_config.json` without local
+    paths; the run's other records stay local.
     """
-    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub import ModelCard
 
     if not trainer.is_world_process_zero():
         return  # one card and one upload (`should_save` also holds on the other nodes with --save_on_each_node)
@@ -1890,18 +1942,12 @@ def write_model_card(trainer, settings, subset_info, eval_metrics) -> None:
     card.text = card.text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
     card.save(path)
     if trainer.args.push_to_hub:
-        trainer._finish_current_push()  # a checkpoint upload still running (--hub_strategy every_save)
-        api = HfApi(token=trainer.args.hub_token)
-        repo_id = getattr(trainer, "hub_model_id", None) or trainer.args.hub_model_id or output_dir.name
-        repo_id = api.create_repo(repo_id, private=trainer.args.hub_private_repo, exist_ok=True).repo_id
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(output_dir),
-            commit_message="End of realignment",
-            revision=trainer.args.hub_revision,
-            ignore_patterns=["_*", "checkpoint-*", "*/checkpoint-*"],
-        )
-        logger.info("Uploaded %s to the Hub as %s", output_dir, repo_id)
+        # realign_config.json goes up without the run's settings and the subset file's path (local paths).
+        config = json.loads((output_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        config.pop("settings", None)
+        config["subset"] = {k: v for k, v in config["subset"].items() if k != "path"}
+        public = {CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+        push_model_folder(trainer, "End of realignment", extra_files=public)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -1918,14 +1964,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trust_remote_code=model_args.trust_remote_code,
     )
     check_loss_requirements(tokenizer, realign_args)
-    settings = run_settings(model_args, data_args, realign_args, training_args, codes, subset_info)
-    check_settings(training_args.output_dir, settings, SETTINGS_FILE, training_args.should_save)
-    last_checkpoint = detect_checkpoint(training_args)
-
     with training_args.main_process_first(desc="tokenising the parallel data"):
         train_dataset, eval_dataset, pair_stats = build_datasets(
             codes, tokenizer, data_args, realign_args, model_args, training_args.seed, wants_eval(data_args, training_args)
         )
+    # Recorded once the data is known to be good, so that a run failing on its input leaves nothing behind.
+    settings = run_settings(model_args, data_args, realign_args, training_args, codes, subset_info)
+    check_settings(training_args.output_dir, settings, SETTINGS_FILE, training_args.should_save)
+    last_checkpoint = detect_checkpoint(training_args)
     sizes = np.array([pair_stats[c]["used"] for c in codes])
     sampling_probs = language_probabilities(sizes, data_args.language_sampling, data_args.sampling_temperature)
     model = load_encoder(model_args, realign_args)
@@ -1944,16 +1990,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     train_metrics, eval_metrics = {}, {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
-        trainer.save_encoder()
-        train_metrics = dict(train_result.metrics, train_pairs=len(train_dataset))
+        train_metrics = train_unless_finished(trainer, last_checkpoint, save=trainer.save_encoder)
+        train_metrics = dict(train_metrics, train_pairs=len(train_dataset))
         trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
+        save_metrics(trainer, "train", train_metrics)
         trainer.save_state()
     if eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
+        save_metrics(trainer, "eval", eval_metrics)
     if training_args.should_save:
         write_realign_config(trainer, settings, subset_info, pair_stats, train_metrics, eval_metrics)
         write_model_card(trainer, settings, subset_info, eval_metrics)

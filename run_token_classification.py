@@ -64,7 +64,9 @@ from realign_utils import (
     require_equal_lengths,
     require_eval_sets,
     resolve_eval_languages,
+    save_metrics,
     setup_logging,
+    train_unless_finished,
     write_downstream_model_card,
 )
 
@@ -660,16 +662,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     metrics: dict[str, float] = {}
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
-        trainer.save_model()
-        metrics = dict(train_result.metrics, train_samples=len(train_set.dataset))
+        metrics = dict(train_unless_finished(trainer, last_checkpoint), train_samples=len(train_set.dataset))
         trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
+        save_metrics(trainer, "train", metrics)
         trainer.save_state()
     if training_args.do_eval:
         eval_metrics, entries = evaluate_languages(trainer, eval_sets, TASK_METRICS[data_args.task])
         trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
+        save_metrics(trainer, "eval", eval_metrics)
         metrics.update(eval_metrics)
         if trainer.is_world_process_zero() and data_args.results_file.lower() not in ("", "none"):
             append_downstream_results(

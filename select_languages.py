@@ -1281,12 +1281,21 @@ def subset_yaml(document: dict[str, Any]) -> str:
 def write_yaml_atomic(path: str | Path, document: dict[str, Any], overwrite: bool) -> Path:
     """Write the subset YAML through a temporary file, so that a failure never leaves half a file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give the path of the YAML file, e.g. {path / 'mine.yaml'}.")
     if path.exists() and not overwrite:
         raise ValueError(f"{path} exists; pass --overwrite_output to replace it or choose another --output.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".yaml", delete=False, encoding="utf-8") as handle:
-        handle.write(subset_yaml(document))
-    os.replace(handle.name, path)
+    text = subset_yaml(document)
+    # realign_utils.atomic_writer does the same, but importing it would load torch into this numpy-only tool.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

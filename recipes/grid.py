@@ -18,11 +18,16 @@ Layout (OUT_ROOT, default `out/grid`; RESULTS_DIR, default `results/grid`):
 A step is finished when the grid's marker `grid_step.json` (written after the step's process exits with 0) is there
 and its outputs are complete: `realign_config.json` for a realignment (written after the checkpoint), and for a task
 the `eval_avg_<metric>` key in `all_results.json` plus its results CSV (`all_results.json` alone is no proof: the
-Trainer writes it after training, before the evaluation). Anything else is run again: the step's folder is kept so
-that the script resumes from its last checkpoint, and the task's results CSV is removed first, so the rows of a
-crashed attempt are never counted twice. Every task writes its own results CSV, so concurrent array tasks never write
-the same file; `collect_results.py RESULTS_DIR` reads them all. A step finished with other arguments is an error, not
-a silent reuse.
+Trainer writes it after training, before the evaluation). Anything else is run again in its folder, so that the script
+resumes from its last complete checkpoint (or, when training had finished, only evaluates); a task evaluated again
+replaces its rows in the results CSV, so rows are never counted twice. Every task writes its own results CSV, so
+concurrent array tasks never write the same file; `collect_results.py RESULTS_DIR` reads them all. A step finished
+with other arguments is an error, not a silent reuse. A task finished before its realignment was (re)done is stale:
+its folder and results CSV are removed and it is run again from the new checkpoint.
+
+Each step runs in its own process group, with the step's log file as its output and locked: stopping the grid
+(SIGTERM, SIGINT, SIGHUP) stops the running steps too, and a step that outlives a killed grid (SIGKILL) keeps its log
+locked, so that a new grid leaves that group alone until the step has ended.
 
 Every step is one `accelerate launch --config_file ACCELERATE_CONFIG script.py ...` (`--accelerate_config none`: one
 plain `python script.py ...`). `--jobs N` runs N groups at once, slot i with CUDA_VISIBLE_DEVICES=i (`--devices`).
@@ -45,9 +50,12 @@ import os
 import queue
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,13 +100,21 @@ class Step:
     script_args: list[str]  # the script and its arguments (compared with the marker's on a re-run)
     results_file: Path | None = None
     log_file: Path | None = None
+    depends_on: Step | None = None  # a task's realignment
 
     @property
     def marker(self) -> Path:
         return self.output_dir / MARKER
 
+    def finished_at(self) -> datetime.datetime | None:
+        """When the step last finished (its marker's time), or None."""
+        try:
+            return datetime.datetime.fromisoformat(json.loads(self.marker.read_text(encoding="utf-8"))["finished"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def status(self) -> str:
-        """`done`, `todo`, or `conflict` (finished with other arguments)."""
+        """`done`, `todo`, `conflict` (finished with other arguments) or `stale` (finished before its realignment)."""
         if not self.marker.is_file():
             return "todo"
         try:
@@ -107,7 +123,12 @@ class Step:
             return "todo"
         if not self.outputs_complete():
             return "todo"
-        return "done" if recorded.get("script_args") == self.script_args else "conflict"
+        if recorded.get("script_args") != self.script_args:
+            return "conflict"
+        encoder_time, finished = (self.depends_on.finished_at() if self.depends_on else None), self.finished_at()
+        if encoder_time is not None and (finished is None or finished < encoder_time):
+            return "stale"
+        return "done"
 
     def outputs_complete(self) -> bool:
         if self.kind == "realign":
@@ -266,7 +287,7 @@ def build_plan(settings: Settings) -> list[Group]:
                 directory = settings.out_root / model_slug(model) / folder / f"seed{seed}"
                 results = settings.results_dir / model_slug(model) / folder / f"seed{seed}"
                 group = Group(len(groups), model, folder, seed, directory=directory)
-                encoder = model
+                encoder, realignment = model, None
                 if subset_arg is not None:
                     realign_dir = directory / "realign"
                     group.steps.append(Step(
@@ -276,6 +297,7 @@ def build_plan(settings: Settings) -> list[Group]:
                          *settings.extra_args, *settings.realign_args],
                         log_file=directory / "realign.log",
                     ))
+                    realignment = group.steps[-1]
                     encoder = str(realign_dir)
                 for task in settings.tasks:
                     task_dir = directory / task
@@ -288,6 +310,7 @@ def build_plan(settings: Settings) -> list[Group]:
                          *settings.extra_args, *settings.downstream_args, *settings.task_args[task]],
                         results_file=results_file,
                         log_file=directory / f"{task}.log",
+                        depends_on=realignment,
                     ))
                 groups.append(group)
     return groups
@@ -352,11 +375,13 @@ def print_plan(groups: list[Group], seconds: dict[str, float], processes: int, o
         print(f"[{group.index}] {group.model} {group.subset} seed {group.seed}", file=out)
         for step in group.steps:
             status = step.status()
-            label = {"done": "SKIP", "todo": "RUN", "conflict": "CONFLICT"}[status]
-            counts[{"done": "skip", "todo": "run", "conflict": "conflict"}[status]] += 1
+            if status == "done" and step.depends_on is not None and step.depends_on.status() == "todo":
+                status = "stale"  # its realignment runs again first
+            label = {"done": "SKIP", "todo": "RUN", "conflict": "CONFLICT", "stale": "REDO"}[status]
+            counts[{"done": "skip", "todo": "run", "conflict": "conflict", "stale": "run"}[status]] += 1
             n_steps = optimizer_steps(step, processes)
             estimate = ""
-            if status == "todo":
+            if status in ("todo", "stale"):
                 if step.kind in seconds:
                     step_hours = n_steps * seconds[step.kind] / 3600
                     hours += step_hours
@@ -414,18 +439,84 @@ def launch_command(step: Step, settings: Settings) -> list[str]:
     return [*settings.accelerate, "launch", "--config_file", settings.accelerate_config, *step.script_args]
 
 
-def run_step(step: Step, settings: Settings, label: str, devices: str | None = None) -> bool:
-    """Run one step to completion; write its marker only if the process succeeded and its outputs are complete."""
-    step.marker.unlink(missing_ok=True)
-    if step.results_file is not None:
-        step.results_file.unlink(missing_ok=True)  # rows of a crashed attempt
+# The steps running now (their process groups), so that a grid that is stopped stops them too.
+_RUNNING: dict[int, subprocess.Popen] = {}
+_RUNNING_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+STOP_GRACE_SECONDS = 30  # how long a stopped step may take to exit before it is killed
+
+
+class GridStopped(Exception):
+    """The grid received a stop signal; the running steps have been asked to stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signal(signum, frame) -> None:
+    """Signal handler: ask every running step's process group to stop, start no new step, end the grid."""
+    _STOPPING.set()
+    with _RUNNING_LOCK:
+        groups = list(_RUNNING)
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
+    raise GridStopped(signum)
+
+
+def end_steps(processes: list[subprocess.Popen], grace: float = STOP_GRACE_SECONDS) -> None:
+    """Stop the process groups of `processes` (SIGTERM, then SIGKILL after `grace` seconds) and wait for them."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def run_step(step: Step, settings: Settings, label: str, devices: str | None = None) -> bool | None:
+    """Run one step to completion; write its marker only if the process succeeded and its outputs are complete.
+
+    Returns None, running nothing, when the step is still running from an earlier grid (its log is locked).
+    """
     command = launch_command(step, settings)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices) if devices is not None else None
     start = time.time()
     with open(step.log_file, "a", encoding="utf-8") as log:
+        # The step's processes inherit the log as their output, and with it this lock: it is held until the last of
+        # them ends, even if this grid is killed, so that no second grid starts the same step beside them.
+        try:
+            fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return None
+        step.marker.unlink(missing_ok=True)
         log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')}  {shlex.join(command)}\n")
         log.flush()
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
+        process = None
+        try:
+            # A process group of its own, so that stopping the grid stops the launcher and every worker it started.
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+            )
+            with _RUNNING_LOCK:
+                _RUNNING[process.pid] = process
+            if _STOPPING.is_set():  # stopped while it was starting, after the handler looked at _RUNNING
+                raise GridStopped(signal.SIGTERM)
+            returncode = process.wait()
+        except BaseException:
+            if process is not None:
+                end_steps([process])
+            raise
+        finally:
+            if process is not None:
+                with _RUNNING_LOCK:
+                    _RUNNING.pop(process.pid, None)
     seconds = time.time() - start
     if returncode != 0 or not step.outputs_complete():
         reason = f"exit status {returncode}" if returncode != 0 else "incomplete outputs"
@@ -437,7 +528,7 @@ def run_step(step: Step, settings: Settings, label: str, devices: str | None = N
         "script_args": step.script_args,
         "accelerate_config": settings.accelerate_config,
         "seconds": round(seconds, 1),
-        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
     }
     atomic_write(step.marker, json.dumps(marker, indent=2) + "\n")
     print(f"{label}: done in {seconds:.1f} s", flush=True)
@@ -456,6 +547,8 @@ def run_group(group: Group, settings: Settings, devices: str | None = None) -> l
             print(f"{name}: being run by another process, skipped", flush=True)
             return []
         for step in group.steps:
+            if _STOPPING.is_set():
+                break
             status = step.status()
             if status == "done":
                 continue
@@ -463,8 +556,25 @@ def run_group(group: Group, settings: Settings, devices: str | None = None) -> l
                 print(step.conflict_message(), file=sys.stderr, flush=True)
                 failures.append(step)
             else:
+                if status == "stale":
+                    print(
+                        f"{name} {step.kind}: finished before its realignment was redone; its folder and results "
+                        "CSV are removed and it runs again from the new checkpoint",
+                        flush=True,
+                    )
+                    shutil.rmtree(step.output_dir, ignore_errors=True)
+                    if step.results_file is not None:
+                        step.results_file.unlink(missing_ok=True)
                 print(f"{name} {step.kind}: running (log: {step.log_file})", flush=True)
-                if not run_step(step, settings, f"{name} {step.kind}", devices):
+                outcome = run_step(step, settings, f"{name} {step.kind}", devices)
+                if outcome is None:
+                    print(
+                        f"{name} {step.kind}: still running, started by an earlier grid that was killed (its log "
+                        f"{step.log_file} is locked); the group is skipped until it ends",
+                        flush=True,
+                    )
+                    break
+                if not outcome:
                     failures.append(step)
             if failures and failures[-1] is step and step.kind == "realign":
                 print(f"{name}: the tasks need the realigned checkpoint, skipped", flush=True)
@@ -493,9 +603,18 @@ def run_groups(groups: list[Group], settings: Settings, jobs: int = 1, devices: 
             finally:
                 slots.put(slot)
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+        try:
             for result in pool.map(work, groups):
                 failures += result
+        except BaseException:
+            # Stopped: the signal handler has asked the running steps to stop; make sure they do before leaving.
+            with _RUNNING_LOCK:
+                running = list(_RUNNING.values())
+            end_steps(running)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     if failures:
         print(f"{len(failures)} step(s) failed or conflict: " + ", ".join(str(s.output_dir) for s in failures),
               file=sys.stderr)
@@ -616,7 +735,17 @@ def main(argv: list[str] | None = None) -> int:
         if len(devices) != args.jobs:
             print(f"error: --devices lists {len(devices)} slot(s) for --jobs {args.jobs}.", file=sys.stderr)
             return 2
-    return 1 if run_groups(groups, settings, args.jobs, devices) else 0
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop_on_signal)
+    try:
+        return 1 if run_groups(groups, settings, args.jobs, devices) else 0
+    except GridStopped as stop:
+        print(
+            f"grid: stopped by {stop}; the running steps were stopped too. Run the same command again to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 + stop.signum
 
 
 if __name__ == "__main__":

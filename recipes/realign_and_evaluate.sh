@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Realign one model on one language subset, then fine-tune POS, NER and NLI from that checkpoint; every task appends
-# its rows to the results table (RESULTS_FILE). Finished steps are skipped when the recipe is run again.
+# its rows to the results table (RESULTS_FILE). Finished steps are skipped when the recipe is run again with the same
+# arguments; a step finished with other arguments is an error (its folder holds another run), and the tasks of a
+# realignment that was done again are fine-tuned again from the new checkpoint.
 #
 #   bash recipes/realign_and_evaluate.sh subsets/uriel_20.yaml xlm-roberta-base 17
 #   bash recipes/realign_and_evaluate.sh none xlm-roberta-base 17          # fine-tuning only (no realignment)
@@ -45,21 +47,54 @@ launch() {  # launch LOG SCRIPT ARGS...: one `accelerate launch` per step, its o
   "$ACCELERATE" launch --config_file "$ACCELERATE_CONFIG" "$@" 2>&1 | tee -a "$log"
 }
 
-# 1. Realignment (skipped for `none`, and when realign_config.json, written after the checkpoint, is there).
+# A finished step records its arguments, one per line, in DIR/recipe_step.args (a task also records, in
+# DIR/recipe_step.encoder, which realignment it started from): finished work is keyed by what made it.
+step_state() {  # step_state DIR ARGS...: done (finished with these arguments), todo, or conflict (other arguments)
+  local dir=$1; shift
+  if [ ! -f "$dir/recipe_step.args" ]; then echo todo
+  elif [ "$(cat "$dir/recipe_step.args")" = "$(printf '%s\n' "$@")" ]; then echo done
+  else echo conflict; fi
+}
+refuse_conflict() {  # refuse_conflict DIR ARGS...
+  local dir=$1; shift
+  { echo "$dir was finished with other arguments:"
+    echo "  before: $(tr '\n' ' ' < "$dir/recipe_step.args")"
+    echo "  now:    $*"
+    echo "Use another OUT_ROOT, or delete $dir to run it again with the new arguments."; } >&2
+  exit 1
+}
+mark_done() {  # mark_done DIR ARGS...
+  local dir=$1; shift
+  printf '%s\n' "$@" > "$dir/recipe_step.args"
+}
+
+# 1. Realignment (skipped for `none`, and when it finished with the same arguments: realign_config.json, written
+#    after the checkpoint, is there). Each realignment run gets an id, which its tasks record.
 ENCODER=$MODEL
+ENCODER_RUN="base model $MODEL"
 if [ "$subset_name" != none ]; then
   ENCODER=$RUN_DIR/realign
   push=()
   if [ -n "$PUSH_TO_HUB" ]; then push=(--push_to_hub --hub_model_id "$PUSH_TO_HUB"); fi
-  if [ -f "$ENCODER/realign_config.json" ] && [ ${#push[@]} -eq 0 ]; then
+  realign_args=(--subset "$SUBSET" --model_name_or_path "$MODEL" --seed "$SEED" --output_dir "$ENCODER"
+    "${extra[@]}" "${realign_extra[@]}")
+  state=$(step_state "$ENCODER" "${realign_args[@]}")
+  if [ "$state" = conflict ]; then refuse_conflict "$ENCODER" "${realign_args[@]}"; fi
+  if [ "$state" = done ] && [ ! -f "$ENCODER/realign_config.json" ]; then state=todo; fi
+  if [ "$state" = done ] && [ ${#push[@]} -eq 0 ]; then
     echo "Realignment finished earlier: $ENCODER"
   else
-    launch "$RUN_DIR/realign.log" "$ROOT/run_realign.py" --subset "$SUBSET" --model_name_or_path "$MODEL" \
-      --seed "$SEED" --output_dir "$ENCODER" "${push[@]}" "${extra[@]}" "${realign_extra[@]}"
+    launch "$RUN_DIR/realign.log" "$ROOT/run_realign.py" "${realign_args[@]}" "${push[@]}"
+    if [ "$state" != done ]; then  # a new realignment (not an upload of a finished one)
+      date -u +%Y-%m-%dT%H:%M:%S.%NZ > "$ENCODER/recipe_step.run"
+      mark_done "$ENCODER" "${realign_args[@]}"
+    fi
   fi
+  ENCODER_RUN="realignment $(cat "$ENCODER/recipe_step.run" 2>/dev/null || echo unknown)"
 fi
 
-# 2. Downstream tasks from that checkpoint (skipped when all_results.json has the task's macro average).
+# 2. Downstream tasks from that checkpoint (skipped when they finished with the same arguments from this realignment
+#    and all_results.json has the task's macro average).
 for task in $TASKS; do
   case $task in
     pos) script=run_token_classification.py; task_flag=(--task pos); metric=accuracy; read -r -a task_extra <<< "$POS_ARGS" ;;
@@ -68,12 +103,22 @@ for task in $TASKS; do
     *) echo "Unknown task $task in TASKS (expected pos, ner, nli)" >&2; exit 2 ;;
   esac
   task_dir=$RUN_DIR/$task
-  if [ -f "$task_dir/all_results.json" ] && grep -q "\"eval_avg_$metric\"" "$task_dir/all_results.json"; then
+  task_args=("${task_flag[@]}" --model_name_or_path "$ENCODER" --seed "$SEED" --output_dir "$task_dir"
+    --results_file "$RESULTS_FILE" "${extra[@]}" "${downstream_extra[@]}" "${task_extra[@]}")
+  state=$(step_state "$task_dir" "${task_args[@]}")
+  if [ "$state" = conflict ]; then refuse_conflict "$task_dir" "${task_args[@]}"; fi
+  if [ "$state" = done ] && [ "$(cat "$task_dir/recipe_step.encoder" 2>/dev/null)" != "$ENCODER_RUN" ]; then
+    echo "$task was fine-tuned from an earlier realignment: $task_dir is removed and $task runs again"
+    rm -rf "$task_dir"
+    state=todo
+  fi
+  if [ "$state" = done ] && grep -q "\"eval_avg_$metric\"" "$task_dir/all_results.json" 2>/dev/null; then
     echo "$task finished earlier: $task_dir"
     continue
   fi
-  launch "$RUN_DIR/$task.log" "$ROOT/$script" "${task_flag[@]}" --model_name_or_path "$ENCODER" --seed "$SEED" \
-    --output_dir "$task_dir" --results_file "$RESULTS_FILE" "${extra[@]}" "${downstream_extra[@]}" "${task_extra[@]}"
+  launch "$RUN_DIR/$task.log" "$ROOT/$script" "${task_args[@]}"
+  printf '%s\n' "$ENCODER_RUN" > "$task_dir/recipe_step.encoder"
+  mark_done "$task_dir" "${task_args[@]}"
 done
 
 echo "Done: $RUN_DIR (results appended to $RESULTS_FILE; summarise with: python collect_results.py $(dirname "$RESULTS_FILE") --out report/)"

@@ -212,6 +212,39 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fake_hub(monkeypatch) -> list[dict]:
+    """The Hub API patched offline: each commit is recorded as {repo_id, message, files: {name: bytes}, token}, the
+    token being the one `huggingface_hub` would send. The environment's HF_TOKEN is restored afterwards."""
+    from huggingface_hub import HfApi, get_token
+    from transformers import Trainer
+
+    commits: list[dict] = []
+
+    class RepoUrl(str):
+        @property
+        def repo_id(self):
+            return str(self)
+
+    def create_commit(self, repo_id, operations, *, commit_message, revision=None, **kwargs):
+        files = {}
+        for operation in operations:
+            source = operation.path_or_fileobj
+            files[operation.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
+        commits.append({"repo_id": repo_id, "message": commit_message, "files": files, "token": get_token()})
+
+    def init_hf_repo(self, token=None, private=None):
+        self.hub_model_id = self.args.hub_model_id
+        self.push_in_progress = None
+
+    monkeypatch.setenv("HF_TOKEN", "unused")
+    monkeypatch.delenv("HF_TOKEN")  # recorded as absent: a token the run sets is removed after the test
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: RepoUrl(repo_id))
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(Trainer, "init_hf_repo", init_hf_repo)
+    return commits
+
+
 @pytest.fixture(scope="session")
 def downstream_dir(tmp_path_factory) -> Path:
     """Schema-faithful fixture files for every downstream source, built once per session."""

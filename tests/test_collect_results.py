@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,25 @@ def test_report_markdown_and_cli_errors(report, tmp_path, capsys):
     assert collect_results.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "No results rows" in capsys.readouterr().err
     assert collect_results.main([str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda text: text[: text.rindex(",0.")].encode(),
+            r"a.csv:3: 8 fields where the header has 10: the line is cut",
+        ),
+        (lambda text: text.replace("udpos", "udpos,extra", 1).encode(), r"a.csv:2: 11 fields where the header has 10"),
+        (lambda text: text.encode()[:-20] + b"\xff\xfe\n", r"a.csv: not UTF-8 text \(invalid start byte at byte"),
+    ],
+)
+def test_broken_tables_name_the_file_and_line(damage, message, tmp_path, capsys):
+    table = tmp_path / "results" / "a.csv"
+    append_results(table, run_rows(XLMR, "none", 17, "pos", "out/pos")[:2])
+    table.write_bytes(damage(table.read_text(encoding="utf-8")))
+    assert collect_results.main([str(tmp_path / "results"), "--out", str(tmp_path / "report")]) == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_paper_transcription_spot_checks():

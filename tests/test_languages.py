@@ -155,6 +155,16 @@ def test_alias_resolution(registry, code, expected):
     assert registry.get(code).code == expected
 
 
+def test_aliases_are_other_spellings_only(registry):
+    """Each accepted spelling of a language once: the messages that list them printed "om, gaz, gax, om"."""
+    oromo = registry.get("orm")
+    assert oromo.aliases == ("gaz", "gax") and oromo.iso639_1 == "om"
+    assert registry.resolve("om") == registry.resolve("gax") == "orm"
+    for language in registry.languages.values():
+        spellings = [language.code, *language.aliases, language.iso639_1]
+        assert len(spellings) == len(set(spellings)), language.code
+
+
 def test_alias_mapping_is_logged(registry, caplog):
     with caplog.at_level(logging.INFO, logger="languages"):
         registry.resolve("gaz")
@@ -196,6 +206,7 @@ def test_valid_copy_loads(tmp_path, raw_entries):
         (lambda entries: entries[3].update(aliases=["fr"]), "code/alias 'fr' is already used by"),
         (lambda entries: entries[3].update(pool=False, parallel=None), "expected 65 pool languages"),
         (lambda entries: entries[3].update(flores="ara-Arab"), "flores must look like"),
+        (lambda entries: entries[3].update(aliases=["ar", False]), "YAML reads an unquoted no, off or n as false"),
     ],
 )
 def test_bad_registry_is_rejected(tmp_path, raw_entries, mutate, expected):
@@ -386,6 +397,7 @@ def test_missing_subset_lists_available(registry):
         ("languages: fra, deu\n", "must be a YAML list"),
         ("strategy: random\nn: 3\nlanguages: [fra]\n", "lists no languages"),
         ("languages: [fra]\nn: two\n", "n must be an integer"),
+        ("languages: [yor, no]\n", r"got \['yor', False\]\. YAML reads an unquoted no, off or n as false .* 'no'"),
     ],
 )
 def test_malformed_subset(tmp_path, registry, text, expected):

@@ -4,20 +4,23 @@ the launch configs (DeepSpeed ZeRO-2 with two CPU processes) and the model card 
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import PARALLEL
 from fixtures_downstream import downstream_dir_for_session
-from safetensors.torch import load_file
+from safetensors.torch import load as safetensors_load
 from transformers import AutoModel
 
 import collect_results
@@ -149,6 +152,140 @@ def test_grid_runs_once_skips_finished_cells_and_redoes_broken_ones(
     assert all(r["seeds"] == "2" and r["avg"] for r in main_table)
 
 
+# A stand-in for `python` that the grid runs its steps with (--accelerate_config none): it writes the outputs the grid
+# checks, as the real scripts would, and logs each step it runs; with FAKE_STEP_HANGS=1 it starts a worker (as a
+# launcher does) and both wait until they are killed.
+FAKE_PYTHON = """#!{python}
+import json, os, subprocess, sys, time
+from pathlib import Path
+
+script, args = Path(sys.argv[1]).name, sys.argv[2:]
+value = {{flag: args[i + 1] for i, flag in enumerate(args[:-1]) if flag.startswith("--")}}
+out = Path(value["--output_dir"])
+with open(os.environ["FAKE_STEP_RUNS"], "a") as runs:
+    runs.write(f"{{os.getpid()}} {{out.name}}\\n")
+if os.environ.get("FAKE_STEP_HANGS"):
+    worker = subprocess.Popen(["sleep", "600"])
+    with open(os.environ["FAKE_STEP_RUNS"], "a") as runs:
+        runs.write(f"{{worker.pid}} worker\\n")
+    worker.wait()
+out.mkdir(parents=True, exist_ok=True)
+if script == "run_realign.py":
+    (out / "realign_config.json").write_text("{{}}")
+else:
+    metric = "f1" if value.get("--task") == "ner" else "accuracy"
+    (out / "all_results.json").write_text(json.dumps({{f"eval_avg_{{metric}}": 0.5}}))
+    results = Path(value["--results_file"])
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text("header\\nrow\\n")
+"""
+
+
+@pytest.fixture
+def fake_grid(tmp_path):
+    """Yields (command, env, runs file) of a grid of one realignment + POS whose steps run FAKE_PYTHON."""
+    python = tmp_path / "fake-python"
+    python.write_text(FAKE_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    runs = tmp_path / "runs.txt"
+    runs.touch()
+    command = [
+        sys.executable,
+        "recipes/grid.py",
+        "--models",
+        "m",
+        "--subsets",
+        "uriel_5",
+        "--seeds",
+        "17",
+        "--tasks",
+        "pos",
+        "--out_root",
+        str(tmp_path / "out"),
+        "--results_dir",
+        str(tmp_path / "results"),
+        "--accelerate_config",
+        "none",
+    ]
+    yield command, dict(os.environ, PYTHON=str(python), FAKE_STEP_RUNS=str(runs)), runs
+    for pid, _ in started(runs):  # whatever a failing test left running
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def started(runs: Path) -> list[tuple[int, str]]:
+    return [(int(pid), name) for pid, name in (line.split() for line in runs.read_text().splitlines())]
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_grid_stops_its_step_and_the_step_s_workers(stop, fake_grid):
+    command, env, runs = fake_grid
+    grid = subprocess.Popen(
+        command,
+        env=dict(env, FAKE_STEP_HANGS="1"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: len(started(runs)) == 2)  # the realignment's launcher and its worker
+    grid.send_signal(stop)
+    _, stderr = grid.communicate(timeout=60)
+    assert grid.returncode == 128 + stop and f"stopped by {signal.Signals(stop).name}" in stderr
+    wait_until(lambda: not any(alive(pid) for pid, _ in started(runs)), timeout=10)
+
+
+def test_a_step_that_outlives_a_killed_grid_is_not_started_twice(fake_grid):
+    command, env, runs = fake_grid
+    grid = subprocess.Popen(command, env=dict(env, FAKE_STEP_HANGS="1"), cwd=ROOT, stdout=subprocess.DEVNULL)
+    wait_until(lambda: len(started(runs)) == 2)
+    grid.kill()  # SIGKILL: nothing can stop the step, which goes on without the grid
+    grid.wait()
+    orphans = started(runs)
+    assert all(alive(pid) for pid, _ in orphans)
+    again = run(command, env)
+    assert again.returncode == 0 and "realign: still running, started by an earlier grid" in again.stdout
+    assert started(runs) == orphans  # no second realignment beside the first
+    for pid, _ in orphans:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not any(alive(pid) for pid, _ in orphans), timeout=10)
+    after = run(command, env)
+    assert after.returncode == 0 and after.stdout.count(": done in") == 2, after.stdout
+
+
+def test_tasks_are_redone_when_their_realignment_is(fake_grid, tmp_path):
+    command, env, runs = fake_grid
+    assert run(command, env).returncode == 0
+    group = tmp_path / "out" / "m" / "uriel_5" / "seed17"
+    (group / "pos" / "made-from-the-old-checkpoint").touch()
+    assert "finished, skipped" in run(command, env).stdout
+
+    # The realignment is done again (its outputs removed): POS, fine-tuned from the old checkpoint, is stale.
+    (group / "realign" / "realign_config.json").unlink()
+    plan = run([*command, "--dry-run"], env).stdout
+    assert re.search(r"RUN +realign", plan) and re.search(r"REDO +pos", plan)
+    again = run(command, env)
+    assert again.returncode == 0 and "pos: finished before its realignment was redone" in again.stdout
+    assert [name for _, name in started(runs)] == ["realign", "pos", "realign", "pos"]
+    assert not (group / "pos" / "made-from-the-old-checkpoint").exists()
+    assert "finished, skipped" in run(command, env).stdout
+
+
 def test_grid_plan_groups_and_cell_index(tmp_path):
     base = [sys.executable, "recipes/grid.py", "--out_root", str(tmp_path / "out"), "--models",
             "xlm-roberta-base,bert-base-multilingual-cased", "--seeds", "17,23,42,66"]
@@ -222,6 +359,23 @@ def test_realign_and_evaluate_recipe(tiny_bert, parallel_dirs, downstream_dir, t
     second = run(command, env)
     assert second.returncode == 0 and "accelerate launch" not in second.stdout
     assert second.stdout.count("finished earlier") == 3 and len(read_rows(results_file)) == len(rows)
+
+    # Other realignment settings: the finished realignment (and POS, NLI from it) is not reused as if it matched.
+    changed = dict(env, REALIGN_ARGS=env["REALIGN_ARGS"] + " --temperature 0.05")
+    refused = run(command, changed)
+    assert refused.returncode == 1 and "accelerate launch" not in refused.stdout
+    assert f"{run_dir / 'realign'} was finished with other arguments" in refused.stderr
+    assert "--temperature 0.05" in refused.stderr and "delete" in refused.stderr
+
+    # Following the advice: the realignment is done again, and so are the tasks fine-tuned from the old one.
+    shutil.rmtree(run_dir / "realign")
+    third = run(command, changed)
+    assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-4000:]
+    assert third.stdout.count("accelerate launch --config_file") == 3
+    assert third.stdout.count("fine-tuned from an earlier realignment") == 2
+    assert json.loads((run_dir / "realign" / "realign_config.json").read_text())["loss"]["temperature"] == 0.05
+    assert len(read_rows(results_file)) == len(rows)  # the tasks' rows replaced, not added
+    assert "finished earlier" in run(command, changed).stdout
 
 
 # -- launch configs -----------------------------------------------------------------------------------------------------
@@ -298,49 +452,62 @@ def test_deepspeed_zero2_two_cpu_processes(tiny_bert, parallel_dirs, tmp_path):
 # -- model card and Hub upload ------------------------------------------------------------------------------------------
 
 
-def test_push_to_hub_uploads_the_card_with_the_realignment_section(tiny_xlmr, parallel_dirs, tmp_path, monkeypatch):
-    from huggingface_hub import HfApi
-    from transformers import Trainer
-
-    uploads = []
-
-    def fake_upload_folder(self, *, repo_id, folder_path, run_as_future=False, **kwargs):
-        folder = Path(folder_path)
-        uploads.append({
-            "repo_id": repo_id, "commit_message": kwargs.get("commit_message"),
-            "ignore_patterns": kwargs.get("ignore_patterns"), "readme": (folder / "README.md").read_text()
-            if (folder / "README.md").is_file() else None,
-            "weights": set(load_file(folder / "model.safetensors")) if (folder / "model.safetensors").is_file() else None,
-        })
-        if run_as_future:
-            future = concurrent.futures.Future()
-            future.set_result(None)
-            return future
-        return None
-
-    class RepoUrl(str):
-        repo_id = "user/xlmr-base-realigned-uriel20"
-
-    def fake_init_hf_repo(self, token=None, private=None):
-        self.hub_model_id = self.args.hub_model_id
-        self.push_in_progress = None
-
-    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: RepoUrl(repo_id))
-    monkeypatch.setattr(Trainer, "init_hf_repo", fake_init_hf_repo)
+def test_push_to_hub_uploads_the_card_with_the_realignment_section(tiny_xlmr, parallel_dirs, tmp_path, fake_hub):
     out = tmp_path / "xlmr-realigned"
-    metrics = run_realign.main([
-        "--model_name_or_path", tiny_xlmr, "--languages", "fra,yor,swa", "--parallel_data_dir",
-        str(parallel_dirs["train"]), "--eval_parallel_data_dir", str(parallel_dirs["eval"]), "--output_dir", str(out),
-        "--max_steps", "4", "--per_device_train_batch_size", "4", "--use_cpu", "--seed", "7", "--reference_compat",
-        "--cache_dir", str(tmp_path / "cache"), "--push_to_hub", "--hub_model_id", "user/xlmr-base-realigned-uriel20",
-    ])
-    final = uploads[-1]
-    assert final["repo_id"] == "user/xlmr-base-realigned-uriel20" and final["commit_message"] == "End of realignment"
-    assert "checkpoint-*" in final["ignore_patterns"]
+    token = "hf_" + "x" * 34
+    metrics = run_realign.main(
+        [
+            "--model_name_or_path",
+            tiny_xlmr,
+            "--languages",
+            "fra,yor,swa",
+            "--parallel_data_dir",
+            str(parallel_dirs["train"]),
+            "--eval_parallel_data_dir",
+            str(parallel_dirs["eval"]),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--save_steps",
+            "2",
+            "--use_cpu",
+            "--seed",
+            "7",
+            "--reference_compat",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--push_to_hub",
+            "--hub_model_id",
+            "user/xlmr-base-realigned-uriel20",
+            "--hub_token",
+            token,
+        ]
+    )
+    (final,) = fake_hub
+    assert final["repo_id"] == "user/xlmr-base-realigned-uriel20" and final["message"] == "End of realignment"
+    assert final["token"] == token  # the upload is authenticated with it, ...
+    for path in out.rglob("*"):  # ... and no file of the run holds it (training_args.bin pickled it before)
+        assert not path.is_file() or token.encode() not in path.read_bytes(), path
+    assert torch.load(out / "checkpoint-2" / "training_args.bin", weights_only=False).hub_token is None
+    # What a reader of the card needs, and nothing of the run's own records (local paths) or its checkpoints.
+    assert set(final["files"]) == {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "realign_config.json",
+    }
+    public = json.loads(final["files"]["realign_config.json"])
+    assert "settings" not in public and str(tmp_path) not in final["files"]["realign_config.json"].decode()
+    assert public["languages"] == ["fra", "yor", "swa"] and public["subset"]["name"] == "custom"
     # The uploaded weights are the plain encoder: the reference-compat projection head is not in them.
-    assert final["weights"] and not any(k.startswith(run_realign.PROJECTION_PREFIX) for k in final["weights"])
-    readme = final["readme"]
+    weights = safetensors_load(final["files"]["model.safetensors"])
+    assert weights and not any(k.startswith(run_realign.PROJECTION_PREFIX) for k in weights)
+    readme = final["files"]["README.md"].decode()
     assert readme == (out / "README.md").read_text()
     meta = yaml.safe_load(readme.split("---")[1])
     assert meta["language"] == ["en", "fr", "yo", "sw"] and meta["base_model"] == tiny_xlmr
@@ -350,3 +517,22 @@ def test_push_to_hub_uploads_the_card_with_the_realignment_section(tiny_xlmr, pa
     assert "multilingual-realignment" in meta["tags"] and "subset-custom" in meta["tags"]
     assert "## Realignment" in readme and "- Steps: 4, seed 7" in readme and "fra, yor, swa" in readme
     assert f"{metrics['eval_avg_retrieval_acc']:.4f}" in readme and "| yor |" in readme
+
+
+def test_uploads_only_at_the_end(tiny_bert, parallel_dirs, tmp_path):
+    argv = [
+        "--model_name_or_path",
+        tiny_bert,
+        "--languages",
+        "fra",
+        "--parallel_data_dir",
+        str(parallel_dirs["train"]),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--use_cpu",
+        "--push_to_hub",
+        "--hub_strategy",
+        "every_save",
+    ]
+    with pytest.raises(ValueError, match="--hub_strategy every_save would upload checkpoints as they are saved"):
+        run_realign.main(argv)

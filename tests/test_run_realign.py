@@ -115,6 +115,45 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_bert, parallel_dirs, tm
         assert torch.allclose(a[key], b[key], atol=1e-5), key
 
 
+@pytest.mark.parametrize("killed_in", ["_save", "_save_rng_state"])
+def test_kill_while_saving_a_checkpoint_resumes_from_the_last_complete_one(
+    killed_in, tiny_bert, parallel_dirs, tmp_path, monkeypatch, capsys
+):
+    """A kill while checkpoint-8 is written (its folder just created, or holding weights and optimizer but no RNG or
+    trainer state) must not wedge the run: the rerun resumes from checkpoint-4 and ends where an unbroken run ends."""
+    from transformers import Trainer
+
+    argv = ["--max_steps", "12", "--save_steps", "4", "--logging_steps", "4"]
+    full = tmp_path / "full"
+    run_realign.main(realign_argv(tiny_bert, parallel_dirs, full, *argv))
+
+    original = getattr(Trainer, killed_in)
+
+    def killed(self, output_dir=None, *args, **kwargs):
+        if self.state.global_step == 8:
+            if killed_in == "_save":
+                Path(output_dir).mkdir(parents=True)  # the folder appears, then the process dies
+            raise KeyboardInterrupt("killed while saving")
+        return original(self, output_dir, *args, **kwargs)
+
+    out = tmp_path / "killed"
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt, match="killed while saving"):
+        patch.setattr(Trainer, killed_in, killed)
+        run_realign.main(realign_argv(tiny_bert, parallel_dirs, out, *argv))
+    assert (out / "checkpoint-8").is_dir() and not (out / "checkpoint-8" / "trainer_state.json").exists()
+
+    capsys.readouterr()
+    run_realign.main(realign_argv(tiny_bert, parallel_dirs, out, *argv))
+    log = capsys.readouterr().out  # setup_logging logs to stdout
+    assert "Skipping 1 incomplete checkpoint(s)" in log and "checkpoint-8 (" in log
+    assert f"Resuming from {out / 'checkpoint-4'}" in log
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 12
+    a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert logged_losses(out)[-2:] == pytest.approx(logged_losses(full)[-2:], abs=1e-5)
+
+
 def test_output_dir_with_other_settings_is_refused(tiny_bert, parallel_dirs, tmp_path):
     out = tmp_path / "out"
     run_realign.main(realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "5"))
@@ -122,6 +161,37 @@ def test_output_dir_with_other_settings_is_refused(tiny_bert, parallel_dirs, tmp
     with pytest.raises(ValueError, match="other settings.*temperature"):
         run_realign.main(realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "5", "--temperature", "0.05"))
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_settings_guard_compares_resolved_settings_and_knows_its_checkpoints(tiny_bert, parallel_dirs, tmp_path):
+    out = tmp_path / "out"
+    argv = realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "3", "--save_steps", "3")
+    at = argv.index("--languages") + 1
+    argv[at] = "fra,yor"
+    first = run_realign.main(argv)
+    weights = load_file(out / "model.safetensors")
+    argv[at] = "FRA,Yo"  # the same languages, spelt otherwise: the same finished run, which trains nothing more
+    again = run_realign.main(argv)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+    assert again["train_loss"] == first["train_loss"] > 0  # the run's loss, not that of zero steps
+    assert all(torch.equal(value, weights[key]) for key, value in load_file(out / "model.safetensors").items())
+
+    # Checkpoints whose settings file is gone cannot be told apart from another run's: refused, not resumed.
+    (out / run_realign.SETTINGS_FILE).unlink()
+    with pytest.raises(ValueError, match=r"holds checkpoints \(checkpoint-3\) but no realign_settings.json"):
+        run_realign.main([*argv, "--temperature", "0.05"])
+    assert not (out / run_realign.SETTINGS_FILE).exists()
+
+
+def test_following_the_overlong_advice_in_the_same_output_dir(tiny_bert, parallel_dirs, tmp_path):
+    out = tmp_path / "out"
+    argv = realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "2", "--max_seq_length", "6")
+    with pytest.raises(ValueError, match="filtered out.*use --overlong truncate"):
+        run_realign.main(argv)
+    assert not out.exists() or not any(out.iterdir())  # refused for its input: nothing recorded
+    run_realign.main([*argv, "--overlong", "truncate"])
+    settings = json.loads((out / run_realign.SETTINGS_FILE).read_text())["settings"]
+    assert settings["data.overlong"] == "truncate"
 
 
 def test_config_yaml_with_cli_override(tiny_bert, parallel_dirs, tmp_path):
@@ -207,6 +277,54 @@ def test_bad_parallel_files(files, match, tiny_bert, tmp_path):
         run_realign.main(argv)
     assert not out.exists() or not any(p.suffix in (".safetensors", ".json") and p.name != run_realign.SETTINGS_FILE
                                        for p in out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--temperature", "nan"], "--temperature must be a finite positive number"),
+        (["--per_device_train_batch_size", "1"], "--per_device_train_batch_size 1 leaves the contrastive loss no neg"),
+        (["--per_device_train_batch_size", "1", "--gather_negatives"], "or --gather_negatives with several processes"),
+        (["--max_steps", "0"], "--max_steps must be positive for realignment, got 0"),
+        (["--max_steps", "-1", "--num_train_epochs", "1"], "--max_steps must be positive for realignment, got -1"),
+        (["--max_pairs_per_language", "0"], "--max_pairs_per_language must be at least 1"),
+    ],
+)
+def test_runs_that_would_train_nothing_or_garbage_are_refused(flags, match, tiny_bert, parallel_dirs, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        run_realign.main(realign_argv(tiny_bert, parallel_dirs, out, *flags))
+    assert not out.exists()
+
+
+def test_output_dir_that_is_a_file(tiny_bert, parallel_dirs, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    with pytest.raises(ValueError, match=r"--output_dir .*notes.txt is a file; give a folder"):
+        run_realign.main(realign_argv(tiny_bert, parallel_dirs, target))
+    assert target.read_text() == "keep me"
+
+
+def test_a_non_finite_loss_stops_the_run_without_a_model(tiny_bert, parallel_dirs, tmp_path, monkeypatch):
+    """From step 5 the loss is NaN (as a bad learning rate or fp16 overflow would make it): the run must fail loudly,
+    keep the clean checkpoint of step 3 and write neither a final model nor realign_config.json."""
+    calls = {"n": 0}
+    loss_function = run_realign.contrastive_alignment_loss
+
+    def nan_from_step_5(*args, **kwargs):
+        calls["n"] += 1
+        loss, stats = loss_function(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] >= 5 else loss), stats
+
+    monkeypatch.setattr(run_realign, "contrastive_alignment_loss", nan_from_step_5)
+    out = tmp_path / "out"
+    argv = realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "8", "--save_steps", "3")
+    held_out = argv.index("--eval_parallel_data_dir")
+    with pytest.raises(FloatingPointError, match="The realignment loss is nan at step 5: training stopped"):
+        run_realign.main(argv[:held_out] + argv[held_out + 2 :])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-3" / "model.safetensors").values())
+    assert not (out / "model.safetensors").exists() and not (out / run_realign.CONFIG_FILE).exists()
 
 
 def test_overlong_pairs_all_dropped(tiny_bert, parallel_dirs, tmp_path):

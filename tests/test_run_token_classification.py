@@ -352,6 +352,24 @@ def test_bad_flags(tiny_bert, tmp_path):
         rtc.main([*base, "--dataset_revisions", "conll=abc"])
 
 
+def test_output_dirs_of_two_scripts_cannot_be_swapped(tiny_bert, parallel_dirs, downstream_dir, cache_dir, tmp_path):
+    realigned, pos = tmp_path / "realigned", tmp_path / "pos"
+
+    def realign(out):
+        options = f"--languages fra,yor --max_steps 2 --save_steps 2 --use_cpu --cache_dir {tmp_path / 'cache'}"
+        data = ["--parallel_data_dir", str(parallel_dirs["train"])]
+        run_realign.main(["--model_name_or_path", tiny_bert, "--output_dir", str(out), *data, *options.split()])
+
+    realign(realigned)
+    rtc.main(tc_argv("pos", tiny_bert, downstream_dir, pos, cache_dir, "--eval_languages", "yor", "--max_steps", "2"))
+    before = {folder: sorted(p.name for p in folder.iterdir()) for folder in (realigned, pos)}
+    with pytest.raises(ValueError, match=r"realigned holds a run of run_realign.py \(realign_settings.json\)"):
+        rtc.main(tc_argv("pos", tiny_bert, downstream_dir, realigned, cache_dir, "--eval_languages", "yor"))
+    with pytest.raises(ValueError, match=r"pos holds a run of run_token_classification.py or run_xnli.py"):
+        realign(pos)
+    assert {folder: sorted(p.name for p in folder.iterdir()) for folder in (realigned, pos)} == before
+
+
 def test_checkpoint_with_other_labels_is_refused(tiny_bert, downstream_dir, cache_dir, tmp_path):
     pos = tmp_path / "pos"
     rtc.main(tc_argv("pos", tiny_bert, downstream_dir, pos, cache_dir, "--eval_languages", "eng", "--max_steps", "2"))

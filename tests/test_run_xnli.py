@@ -139,6 +139,97 @@ def test_resume_after_interruption_and_linear_probe(tiny_bert, downstream_dir, c
         run_xnli.main([*argv[:-2], "--finetune_mode", "full"])
 
 
+def test_rerun_of_a_finished_run_trains_nothing_and_adds_no_rows(tiny_bert, downstream_dir, cache_dir, tmp_path):
+    """24 English pairs at batch 8 are 3 steps an epoch: resumed from its last checkpoint (step 2 of 2), the Trainer
+    would train step 3. A re-run must train nothing, keep the weights and the results table as they are, and neither a
+    half-written all_results.json nor a stop before the final save may wedge the run."""
+    out = tmp_path / "out"
+    results = tmp_path / "results.csv"
+    argv = nli_argv(
+        tiny_bert,
+        downstream_dir,
+        out,
+        cache_dir,
+        "--eval_languages",
+        "yor",
+        "--max_steps",
+        "2",
+        "--results_file",
+        str(results),
+    )
+
+    def state():
+        saved = json.loads((out / "trainer_state.json").read_text())
+        return saved["global_step"], saved["max_steps"]
+
+    first = run_xnli.main(argv)
+    weights = load_file(out / "model.safetensors")
+    with open(results, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert state() == (2, 2) and len(rows) == 2  # xnli eng, afrixnli yor
+
+    def unchanged(metrics):
+        assert state() == (2, 2)
+        for key, value in load_file(out / "model.safetensors").items():
+            assert torch.equal(value, weights[key]), key
+        with open(results, newline="", encoding="utf-8") as f:
+            again = list(csv.DictReader(f))
+        assert [(r["source"], r["language"], r["value"]) for r in again] == [
+            (r["source"], r["language"], r["value"]) for r in rows
+        ]
+        assert metrics["eval_avg_accuracy"] == pytest.approx(first["eval_avg_accuracy"])
+        assert metrics["train_loss"] == pytest.approx(first["train_loss"])
+
+    unchanged(run_xnli.main(argv))
+
+    # The Trainer rewrites all_results.json in place: a run stopped meanwhile leaves half a file.
+    (out / "all_results.json").write_text('{"epoch": 1.0, "eval_xnli_en')
+    unchanged(run_xnli.main(argv))
+    combined = json.loads((out / "all_results.json").read_text())
+    assert "train_loss" in combined and "eval_avg_accuracy" in combined
+
+    # Stopped after the last checkpoint, before the final model: the checkpoint's weights are the final ones.
+    (out / "model.safetensors").unlink()
+    (out / "trainer_state.json").unlink()
+    unchanged(run_xnli.main(argv))
+
+
+def test_push_to_hub_uploads_the_model_and_card_only(tiny_bert, downstream_dir, cache_dir, tmp_path, fake_hub):
+    out = tmp_path / "out"
+    token = "hf_" + "y" * 34
+    run_xnli.main(
+        nli_argv(
+            tiny_bert,
+            downstream_dir,
+            out,
+            cache_dir,
+            "--eval_languages",
+            "yor",
+            "--max_steps",
+            "2",
+            "--push_to_hub",
+            "--hub_model_id",
+            "user/nli",
+            "--hub_token",
+            token,
+        )
+    )
+    (commit,) = fake_hub  # one upload, at the end (saving the model does not push by itself)
+    assert commit["repo_id"] == "user/nli" and commit["token"] == token
+    for path in out.rglob("*"):
+        assert not path.is_file() or token.encode() not in path.read_bytes(), path
+    uploaded = set(commit["files"])
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer_config.json"} <= uploaded
+    assert not uploaded & {
+        "training_args.bin",
+        "finetune_settings.json",
+        "trainer_state.json",
+        "all_results.json",
+        "results.csv",
+    } and not any("/" in name for name in uploaded)
+    assert "## Zero-shot evaluation" in commit["files"]["README.md"].decode()
+
+
 def test_hub_loading_routes_each_source_to_its_loader(tiny_bert, downstream_dir, cache_dir, tmp_path, monkeypatch):
     """Without --data_dir every source goes to the Hub: IndoNLI through its parquet branch (test_expert split),
     Myanmar-XNLI at its pinned revision; the fixture data stands in for the downloads."""
@@ -251,6 +342,8 @@ def test_unknown_eval_source(tiny_bert, tmp_path):
 def test_shared_copies_agree():
     # The realigned-checkpoint config file name is written by run_realign.py and read by realign_utils.
     assert realign_utils.REALIGN_CONFIG_FILE == run_realign.CONFIG_FILE
+    # Its settings file name too: the guard of every script refuses a folder holding another script's run.
+    assert realign_utils.REALIGN_SETTINGS_FILE == run_realign.SETTINGS_FILE
     # Both downstream scripts declare the same model arguments and the paper's settings, epochs and save interval aside.
     def fields(cls):
         return [(f.name, f.default, f.metadata["help"]) for f in dataclasses.fields(cls)]

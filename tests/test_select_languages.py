@@ -306,3 +306,11 @@ def test_existing_output_is_not_overwritten(tmp_path, cache_dir):
     with pytest.raises(ValueError, match="overwrite_output"):
         run(["--strategy", "random", "--n", "3", "--output", str(output)], cache_dir)
     assert output.read_text() == "keep me\n"
+
+
+def test_output_that_is_a_folder_leaves_no_temporary_file(tmp_path, cache_dir):
+    folder = tmp_path / "subsets"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"--output .*subsets is a folder; give the path of the YAML file"):
+        run(["--strategy", "random", "--n", "3", "--output", str(folder), "--overwrite_output"], cache_dir)
+    assert list(tmp_path.iterdir()) == [folder] and not any(folder.iterdir())
