@@ -40,7 +40,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-import languages as lang_registry
+import lang_registry
 from realign_utils import (
     ENGLISH,
     center,

@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-import languages as lang_registry
+import lang_registry
 from realign_utils import ENGLISH, RESULTS_COLUMNS
 
 logger = logging.getLogger(__name__)

@@ -910,7 +910,7 @@ class EvalSet:
 
 def eval_configs(resource: str) -> dict[str, str]:
     """{canonical code: config name} of every registered language that evaluation `resource` covers (e.g. `xnli`)."""
-    import languages as lang_registry
+    import lang_registry
 
     registry = lang_registry.load_registry()
     return {code: registry.languages[code].eval[resource] for code in registry.languages_with(resource)}
@@ -926,7 +926,7 @@ def resolve_eval_languages(
     list of codes or aliases; a language covered by several sources is evaluated on each of them. Languages that no
     source covers are skipped with one warning listing them. Unknown codes raise `ValueError`.
     """
-    import languages as lang_registry
+    import lang_registry
 
     if spec.strip().lower() == "paper":
         return [EvalTarget(s, code, available[s][code]) for s in available for code in paper.get(s, [])]
@@ -1369,7 +1369,7 @@ def write_downstream_model_card(
 ) -> None:
     """Write the model card the way transformers' examples do, listing the languages evaluated and the zero-shot
     averages, and with `--push_to_hub` upload it with the model (`push_model_folder`)."""
-    import languages as lang_registry
+    import lang_registry
 
     registry = lang_registry.load_registry()
     iso = list(dict.fromkeys(registry.get(code).iso639_1 or code for code in [ENGLISH, *languages]))

@@ -47,7 +47,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-import languages as lang_registry
+import lang_registry
 from realign_utils import (
     asdict_public,
     atomic_writer,

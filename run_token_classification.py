@@ -34,7 +34,7 @@ from transformers import (
     set_seed,
 )
 
-import languages as lang_registry
+import lang_registry
 from realign_utils import (
     ENGLISH,
     FINETUNE_SETTINGS_FILE,

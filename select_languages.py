@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-import languages as lang_registry
+import lang_registry
 
 logger = logging.getLogger(__name__)
 

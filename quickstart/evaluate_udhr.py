@@ -27,7 +27,7 @@ from transformers import AutoModel, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import languages as lang_registry  # noqa: E402
+import lang_registry  # noqa: E402
 from realign_utils import (  # noqa: E402
     center,
     content_token_mask,

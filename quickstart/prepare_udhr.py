@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
-    from languages import load_registry
+    from lang_registry import load_registry
 except ImportError:  # run as `python quickstart/prepare_udhr.py`: the registry module sits in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from languages import load_registry
+    from lang_registry import load_registry
 
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import languages as lang_registry  # noqa: E402
+import lang_registry  # noqa: E402
 from realign_utils import atomic_writer  # noqa: E402
 
 ENGLISH = "eng"

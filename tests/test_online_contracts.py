@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-import languages as lang_registry
+import lang_registry
 import realign_utils
 import run_token_classification as rtc
 import run_xnli

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import languages as lang_registry
+import lang_registry
 import run_realign
 from realign_utils import find_local_parallel_file, pooling_special_ids, read_local_parallel
 

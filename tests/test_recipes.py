@@ -24,7 +24,7 @@ from safetensors.torch import load as safetensors_load
 from transformers import AutoModel
 
 import collect_results
-import languages
+import lang_registry
 import run_realign
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ EVAL_LANGUAGES = "yor,swa,fra,quy"
 def pool_parallel_dir(tmp_path_factory) -> Path:
     """English ↔ L files for all 65 pool languages (fixture sentences), so that any shipped subset can be realigned."""
     folder = tmp_path_factory.mktemp("parallel-pool")
-    for i, code in enumerate(languages.load_registry().pool()):
+    for i, code in enumerate(lang_registry.load_registry().pool()):
         rows = [f"{row[0]}\t{row[1 + i % 3]}" for row in PARALLEL[:18]]
         (folder / f"{code}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder
@@ -88,7 +88,7 @@ def test_grid_runs_once_skips_finished_cells_and_redoes_broken_ones(
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     assert first.stdout.count(": running") == len(GRID_SUBSETS) * len(GRID_SEEDS) * 4
 
-    registry = languages.load_registry()
+    registry = lang_registry.load_registry()
     counts = {}
     for subset in GRID_SUBSETS:
         for seed in GRID_SEEDS:
@@ -96,7 +96,7 @@ def test_grid_runs_once_skips_finished_cells_and_redoes_broken_ones(
             config = json.loads((group / "realign" / "realign_config.json").read_text())
             assert config["subset"]["name"] == subset and config["seed"] == seed and config["steps"] == 2
             if subset == "random_5":  # drawn with the run seed, as the paper's seeded random rows
-                assert config["languages"] == languages.draw_random(registry.pool(), 5, seed)
+                assert config["languages"] == lang_registry.draw_random(registry.pool(), 5, seed)
             # One realignment per (model, subset, seed), reused by the three tasks.
             assert (group / "realign.log").read_text().count("\n# ") == 1
             for task in TASKS:
@@ -306,8 +306,8 @@ def test_grid_plan_groups_and_cell_index(tmp_path):
     assert f"Estimated training time of the steps to run: {hours:.1f} h" in plan.stdout
     drawn = yaml.safe_load((tmp_path / "out" / "subsets" / "joshi2_random_10.yaml").read_text())
     assert drawn["strategy"] == "random" and drawn["n"] == 10 and drawn["pool"] == "joshi2_random"
-    assert languages.load_subset(tmp_path / "out" / "subsets" / "joshi2_random_10.yaml", seed=23).languages == (
-        languages.draw_random(languages.load_subset("joshi2_random").languages, 10, 23))
+    assert lang_registry.load_subset(tmp_path / "out" / "subsets" / "joshi2_random_10.yaml", seed=23).languages == (
+        lang_registry.draw_random(lang_registry.load_subset("joshi2_random").languages, 10, 23))
     bad = run([*base, "--subsets", "main", "--cell-index", "999"], env)
     assert bad.returncode == 2 and "out of range" in bad.stderr
     bad = run([*base, "--subsets", "uriel_5,nonsense"], env)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-import languages
+import lang_registry
 import select_languages as sl
 
 
@@ -34,7 +34,7 @@ def brute_force(problem: sl.Problem, n: int, sense: str) -> float:
 
 @pytest.fixture(scope="module")
 def registry():
-    return languages.load_registry()
+    return lang_registry.load_registry()
 
 
 @pytest.fixture(scope="module")
@@ -206,14 +206,14 @@ def test_random_matches_the_loader_and_reference_draw(registry, tmp_path):
     np.random.seed(17)
     expected = list(np.random.choice(registry.pool(), 10, replace=False))
     assert selection.languages == expected
-    assert selection.languages == languages.load_subset("random_10", registry=registry, seed=17).languages
+    assert selection.languages == lang_registry.load_subset("random_10", registry=registry, seed=17).languages
     again = sl.select(registry, "random", "joshi2", 5, None, SOLVER_ARGS, seed=17)
     np.random.seed(17)
     assert again.languages == list(np.random.choice(sl.pool_codes(registry, "joshi2"), 5, replace=False))
 
 
 def test_every_paper_subset_strategy_is_understood():
-    for path in sorted(languages.SUBSETS_DIR.glob("*.yaml")):
+    for path in sorted(lang_registry.SUBSETS_DIR.glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
         if (data.get("source") or {}).get("table") not in (6, 8):
             continue  # not a row of the paper (e.g. a hand-made quickstart subset)
@@ -233,7 +233,7 @@ def test_yaml_output_loads_and_compare_gives_jaccard_one(registry, tmp_path, cac
     output = tmp_path / "my_uriel_least_6.yaml"
     report = run(["--strategy", "uriel-least", "--n", "6", "--pool", "latin", "--output", str(output)], cache_dir)
     assert report["proven_optimal"] and report["solver"] in ("exhaustive", "milp")
-    subset = languages.load_subset(output, registry=registry)
+    subset = lang_registry.load_subset(output, registry=registry)
     assert subset.languages == report["languages"] and subset.declared_n == 6
     assert subset.strategy == "latin-uriel-least"
     assert any("Objective" in note for note in subset.notes)
@@ -253,7 +253,7 @@ def test_max_selection_is_deterministic_and_documented(registry, tmp_path, cache
     assert first["languages"] == second["languages"] and len(first["languages"]) == 12
     assert first["solver"] == "local-search+milp" and first["bound"] >= first["objective"]
     data = yaml.safe_load((tmp_path / "a.yaml").read_text())
-    assert set(data) <= set(languages.SUBSET_KEYS)
+    assert set(data) <= set(lang_registry.SUBSET_KEYS)
     assert data["strategy"] == "uriel-most" and data["n"] == 12
 
 
@@ -262,7 +262,7 @@ def test_random_yaml_is_drawn_by_the_loader(registry, tmp_path, cache_dir):
     report = run(["--strategy", "random", "--n", "7", "--seed", "23", "--output", str(output)], cache_dir)
     data = yaml.safe_load(output.read_text())
     assert data["languages"] is None and data["pool"] == "all" and data["strategy"] == "random"
-    assert languages.load_subset(output, registry=registry, seed=23).languages == report["languages"]
+    assert lang_registry.load_subset(output, registry=registry, seed=23).languages == report["languages"]
     comparison = run(["--compare", str(output), "--seed", "23"], cache_dir)
     assert comparison["jaccard"] == 1.0
 

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import languages  # noqa: E402
-from languages import (  # noqa: E402
+import lang_registry  # noqa: E402
+from lang_registry import (  # noqa: E402
     ENTRY_KEYS,
     EVAL_RESOURCES,
     Language,
@@ -166,7 +166,7 @@ def test_aliases_are_other_spellings_only(registry):
 
 
 def test_alias_mapping_is_logged(registry, caplog):
-    with caplog.at_level(logging.INFO, logger="languages"):
+    with caplog.at_level(logging.INFO, logger="lang_registry"):
         registry.resolve("gaz")
         registry.resolve("fra")
     messages = [record.getMessage() for record in caplog.records]
@@ -279,7 +279,7 @@ def test_every_subset_code_resolves(path, registry):
 
 
 def test_uriel_20_lists_22_and_warns(registry, caplog):
-    with caplog.at_level(logging.WARNING, logger="languages"):
+    with caplog.at_level(logging.WARNING, logger="lang_registry"):
         subset = load_subset("uriel_20", registry=registry)
     assert subset.declared_n == 20
     assert len(subset.printed) == 22 and len(subset.languages) == 22
@@ -297,7 +297,7 @@ def test_subset_by_path_and_name_agree(registry):
 
 
 def test_subset_aliases_are_logged(registry, caplog):
-    with caplog.at_level(logging.INFO, logger="languages"):
+    with caplog.at_level(logging.INFO, logger="lang_registry"):
         subset = load_subset("uriel_5", registry=registry)
     assert subset.languages == ["fon", "kat", "kaz", "lin", "orm"]
     assert subset.printed == ["fon", "kat", "kaz", "lin", "gaz"]
@@ -417,7 +417,7 @@ def test_unknown_code_in_subset(tmp_path, registry):
 
 def test_english_and_duplicates_dropped(tmp_path, registry, caplog):
     path = write_subset(tmp_path, "name: mixed\nn: 4\nlanguages: [fra, en, gaz, orm, FRA, eng, swh]\n")
-    with caplog.at_level(logging.WARNING, logger="languages"):
+    with caplog.at_level(logging.WARNING, logger="lang_registry"):
         subset = load_subset(path, registry=registry)
     assert subset.languages == ["fra", "orm", "swa"]
     assert subset.printed == ["fra", "en", "gaz", "orm", "FRA", "eng", "swh"]
@@ -458,5 +458,5 @@ def test_module_has_no_global_numpy_side_effect(registry):
     np.random.seed(0)
     expected = np.random.rand()
     np.random.seed(0)
-    languages.load_subset("random_5", registry=registry, seed=42)
+    lang_registry.load_subset("random_5", registry=registry, seed=42)
     assert np.random.rand() == expected
