@@ -41,19 +41,22 @@ from transformers import (
 )
 
 import lang_registry
+from downstream_utils import (
+    find_local_split,
+    load_hub_split,
+    read_local_table,
+)
+from realign_losses import contrastive_alignment_loss
 from realign_utils import (
     ENGLISH,
     center,
     content_token_mask,
     encode_layers,
     find_local_parallel_file,
-    find_local_split,
-    load_hub_split,
     masked_mean_pool,
     parse_args,
     pooling_special_ids,
     read_local_parallel,
-    read_local_table,
     retrieval_recall_at_k,
     write_json_atomic,
 )
@@ -407,16 +410,6 @@ def dictionary_metrics(embedder: Embedder, entries: list[tuple[str, str]]) -> di
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def alignment_loss(src: torch.Tensor, tgt: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """run_realign.py's `contrastive_alignment_loss` (a copy; a test keeps the two equal): symmetric in-batch InfoNCE
-    over N translation pairs, cosine / T, self-similarity masked, mean over the 2N queries."""
-    n = src.shape[0]
-    z = F.normalize(torch.cat([src, tgt]), dim=-1)  # (2N, d)
-    logits = (z @ z.T / temperature).fill_diagonal_(torch.finfo(z.dtype).min)  # (2N, 2N)
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(logits, target)
-
-
 def layer_groups(parameter_names: list[str], layers: list[int]) -> dict[str, list[str]]:
     """Encoder parameters grouped as `embeddings`, `layers i-j` (between consecutive --layers) and `all`.
 
@@ -563,7 +556,7 @@ def gradient_cosines(model_path: str, task_model: str | None, sets: list[Paralle
             hidden = encoder(**batch).last_hidden_state  # (2N, L, d)
             pooled = masked_mean_pool(hidden, content_token_mask(batch["input_ids"], batch["attention_mask"],
                                                                  special_ids))
-            yield alignment_loss(*pooled.chunk(2), args.temperature)
+            yield contrastive_alignment_loss(*pooled.chunk(2), args.temperature)[0]  # realignment's own loss
 
     result: dict[str, Any] = {"grad_cosine": {}, "grad_norm_alignment": {}, "task": "token" if token_level else "sequence"}
     result["grad_norm_task"] = {g: math.sqrt(sum(task_gradient[n].double().pow(2).sum().item() for n in ns))

@@ -36,20 +36,15 @@ from transformers import (
     set_seed,
 )
 
-from realign_utils import (
-    ENGLISH,
-    FINETUNE_SETTINGS_FILE,
+from downstream_utils import (
     FINETUNE_TRAINING_KEYS,
     LOCAL_TABLE_EXTENSIONS,
     EvalSet,
     EvalTarget,
     MissingLocalSplit,
     append_downstream_results,
-    asdict_public,
     check_checkpoint_labels,
-    check_settings,
     class_label_names,
-    detect_checkpoint,
     eval_configs,
     evaluate_languages,
     find_local_split,
@@ -57,16 +52,23 @@ from realign_utils import (
     labels_to_training_ids,
     load_hub_split,
     log_skipped_local_splits,
-    parse_args,
     parse_revisions,
     read_local_table,
     require_columns,
     require_eval_sets,
     resolve_eval_languages,
+    write_downstream_model_card,
+)
+from realign_utils import (
+    ENGLISH,
+    FINETUNE_SETTINGS_FILE,
+    asdict_public,
+    check_settings,
+    detect_checkpoint,
+    parse_args,
     save_metrics,
     setup_logging,
     train_unless_finished,
-    write_downstream_model_card,
 )
 
 logger = logging.getLogger(__name__)

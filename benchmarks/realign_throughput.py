@@ -158,6 +158,12 @@ def pad_multiple(opts) -> int | None:
     return 8 if opts.device == "cuda" else None
 
 
+def paper_loss_only(realign_args) -> run_realign.RealignExtensions:
+    """No companion-paper term: the benchmark times the paper's loss."""
+    return run_realign.RealignExtensions(run_realign.ExtensionArguments(), realign_args.realign_layer,
+                                         realign_args.temperature, realign_args.same_meaning)
+
+
 class SequentialRealignTrainer(run_realign.RealignTrainer):
     """RealignTrainer fed the benchmark's batches in order (the language sampler is irrelevant to speed)."""
 
@@ -180,7 +186,8 @@ def realign_trainer(model_dir: Path, dataset: datasets.Dataset, batch: int, step
     from transformers import AutoTokenizer
 
     realign_args = run_realign.RealignArguments()
-    model = run_realign.load_encoder(run_realign.ModelArguments(model_name_or_path=str(model_dir)), realign_args)
+    model = run_realign.load_encoder(run_realign.ModelArguments(model_name_or_path=str(model_dir)), realign_args,
+                                     paper_loss_only(realign_args))
     timer = StepTimer(opts.device)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(**training_args(out, batch, steps, opts, remove_unused_columns=False, **args))
@@ -199,7 +206,8 @@ def realign_loss_loop(model_dir: Path, dataset: datasets.Dataset, batch: int, st
     from transformers import AutoTokenizer
 
     realign_args = run_realign.RealignArguments()
-    model = run_realign.load_encoder(run_realign.ModelArguments(model_name_or_path=str(model_dir)), realign_args)
+    model = run_realign.load_encoder(run_realign.ModelArguments(model_name_or_path=str(model_dir)), realign_args,
+                                     paper_loss_only(realign_args))
     model = model.to(opts.device).train()
     collator = run_realign.PairCollator(0, pad_multiple(opts))
     with tempfile.TemporaryDirectory() as out:

@@ -23,7 +23,7 @@ from fixtures_downstream import (
     write_wikiann,
 )
 
-import realign_utils
+import downstream_utils
 import run_token_classification as rtc
 import run_xnli
 
@@ -38,7 +38,7 @@ def load_tagging(task: str, source: str, language: str, config: str, data_dir: P
     data_args = rtc.DataArguments(task=task, data_dir=str(data_dir), eval_languages=language)
     model_args = rtc.ModelArguments(model_name_or_path="unused")
     labels = list(UDPOS_TAGS) if task == "pos" else list(WIKIANN_TAGS)
-    return rtc.load_eval_data([realign_utils.EvalTarget(source, language, config)], labels, data_args, model_args)
+    return rtc.load_eval_data([downstream_utils.EvalTarget(source, language, config)], labels, data_args, model_args)
 
 
 # -- where the files are ----------------------------------------------------------------------------------------------
@@ -53,24 +53,24 @@ def test_ud_and_dev_file_names_are_found(tmp_path):
     (folder / "fr_xyz-ud-dev.conllu").write_text(conllu_word(1, "Salut", "INTJ") + "\n\n", encoding="utf-8")
     exts = (".parquet", ".conllu")
     assert (
-        realign_utils.find_local_split(str(tmp_path), "udpos", "fr", "test", exts) == folder / "fr_xyz-ud-test.conllu"
+        downstream_utils.find_local_split(str(tmp_path), "udpos", "fr", "test", exts) == folder / "fr_xyz-ud-test.conllu"
     )
     assert (
-        realign_utils.find_local_split(str(tmp_path), "udpos", "fr", "validation", exts)
+        downstream_utils.find_local_split(str(tmp_path), "udpos", "fr", "validation", exts)
         == folder / "fr_xyz-ud-dev.conllu"
     )
     (tmp_path / "sib200" / "yor_Latn").mkdir(parents=True)
     (tmp_path / "sib200" / "yor_Latn" / "dev.tsv").write_text("index_id\tcategory\ttext\n", encoding="utf-8")
     assert (
-        realign_utils.find_local_split(str(tmp_path), "sib200", "yor_Latn", "validation", (".tsv",)).name == "dev.tsv"
+        downstream_utils.find_local_split(str(tmp_path), "sib200", "yor_Latn", "validation", (".tsv",)).name == "dev.tsv"
     )
     # Two treebanks of one language: say how to combine them rather than pick one.
     (folder / "fr_abc-ud-test.conllu").write_text(conllu_word(1, "Oui", "INTJ") + "\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"several files for split 'test'.*fr_abc-ud-test.conllu.*cat "):
-        realign_utils.find_local_split(str(tmp_path), "udpos", "fr", "test", exts)
+        downstream_utils.find_local_split(str(tmp_path), "udpos", "fr", "test", exts)
     # A file that is absent is a MissingLocalSplit (a FileNotFoundError), naming what was looked for.
-    with pytest.raises(realign_utils.MissingLocalSplit, match=r"No local udpos file for config 'de'") as err:
-        realign_utils.find_local_split(str(tmp_path), "udpos", "de", "test", exts)
+    with pytest.raises(downstream_utils.MissingLocalSplit, match=r"No local udpos file for config 'de'") as err:
+        downstream_utils.find_local_split(str(tmp_path), "udpos", "de", "test", exts)
     assert isinstance(err.value, FileNotFoundError) and err.value.expected.endswith("udpos/de/test{.parquet,.conllu}")
 
 
@@ -163,11 +163,11 @@ def test_token_tag_text_errors_name_the_file_and_line(tmp_path):
 def test_tsv_byte_order_mark_and_invalid_utf8(tmp_path):
     path = tmp_path / "test.tsv"
     path.write_bytes("\ufeffpremise\thypothesis\tlabel\r\na\tb\tneutral\r\n".encode("utf-8"))
-    dataset = realign_utils.read_local_table(path)
+    dataset = downstream_utils.read_local_table(path)
     assert dataset.column_names == ["premise", "hypothesis", "label"] and dataset[0]["label"] == "neutral"
     path.write_bytes(b"premise\thypothesis\tlabel\na\tb\t0\ncaf\xe9\tb\t1\n")
     with pytest.raises(ValueError, match=r"test.tsv:3: not valid UTF-8"):
-        realign_utils.read_local_table(path)
+        downstream_utils.read_local_table(path)
 
 
 # -- labels -----------------------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_indonli_raw_labels_are_read(tmp_path):
     data_args = run_xnli.DataArguments(data_dir=str(tmp_path), eval_languages="ind")
     model_args = run_xnli.ModelArguments(model_name_or_path="unused")
     (eval_set,) = run_xnli.load_eval_data(
-        [realign_utils.EvalTarget("indonli", "ind", "indonli")], list(NLI_LABELS), data_args, model_args
+        [downstream_utils.EvalTarget("indonli", "ind", "indonli")], list(NLI_LABELS), data_args, model_args
     )
     assert eval_set.dataset["label"] == [0, 1, 2]
 
@@ -188,7 +188,7 @@ def test_indonli_raw_labels_are_read(tmp_path):
 def test_masakhaner_date_mapping_is_counted_per_language(tmp_path, caplog):
     write_masakhaner(tmp_path, "yor", 3)  # sentence 0 holds one B-DATE and one I-DATE
     write_masakhaner(tmp_path, "hau", 3)  # no DATE
-    with caplog.at_level(logging.INFO, logger="realign_utils"):
+    with caplog.at_level(logging.INFO, logger="downstream_utils"):
         load_tagging("ner", "masakhaner", "yor", "yor", tmp_path)
         load_tagging("ner", "masakhaner", "hau", "hau", tmp_path)
     messages = [r.getMessage() for r in caplog.records if "mapped" in r.getMessage()]
@@ -253,7 +253,7 @@ def tc_argv(task: str, model: str, data_dir: Path, out: Path, *extra: str) -> li
 
 @pytest.fixture
 def utils_log():
-    """The records of the realign_utils logger (the scripts' setup_logging replaces the root handlers caplog uses)."""
+    """The records of the downstream_utils logger (the scripts' setup_logging replaces the root handlers caplog uses)."""
 
     class Collect(logging.Handler):
         def __init__(self):
@@ -264,9 +264,9 @@ def utils_log():
             self.records.append(record)
 
     handler = Collect()
-    logging.getLogger("realign_utils").addHandler(handler)
+    logging.getLogger("downstream_utils").addHandler(handler)
     yield handler
-    logging.getLogger("realign_utils").removeHandler(handler)
+    logging.getLogger("downstream_utils").removeHandler(handler)
 
 
 def skipped_warnings(log) -> list[str]:

@@ -1,5 +1,5 @@
-"""--loss_weights of run_realign.py: the 7 combinations of sentence / word / MLM losses train, the word loss matches
-the companion paper's formula written out, MLM masks like BERT, and an MLM run still saves a plain encoder."""
+"""--loss_weights of run_realign.py: the 7 combinations of align / bow / MLM losses train, the bag-of-words loss
+matches the companion paper's formula written out, MLM masks like BERT, and an MLM run still saves a plain encoder."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification, Trainer
 
+import realign_extensions
 import run_realign
-from run_realign import masked_lm_loss, parse_loss_weights, word_bag_loss
+from realign_extensions import ExtensionArguments, RealignExtensions, TiedOutputEmbedding, parse_loss_weights
+from realign_losses import bag_of_words_loss, masked_lm_loss
 
-COMBINATIONS = ["sentence=1", "word=1", "mlm=1", "sentence=1,word=1", "sentence=1,mlm=1", "word=1,mlm=1",
-                "sentence=1,word=1,mlm=1"]
+COMBINATIONS = ["align=1", "bow=1", "mlm=1", "align=1,bow=1", "align=1,mlm=1", "bow=1,mlm=1", "align=1,bow=1,mlm=1"]
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
@@ -44,9 +45,9 @@ def test_each_combination_trains(weights, tiny_bert, parallel_dirs, tmp_path):
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0], losses
     active = {name for name, w in parse_loss_weights(weights).items() if w}
-    if active != {"sentence"}:
+    if active != {"align"}:
         for entry in logs:
-            logged = {name for name in run_realign.LOSS_TERMS if f"train_loss_{name}" in entry}
+            logged = {name for name in realign_extensions.LOSS_TERMS if f"train_loss_{name}" in entry}
             assert logged == active
             # With unit weights the total is the sum of its logged components (each rounded to 4 decimals).
             assert entry["loss"] == pytest.approx(sum(entry[f"train_loss_{n}"] for n in active), abs=1e-3)
@@ -56,7 +57,7 @@ def test_each_combination_trains(weights, tiny_bert, parallel_dirs, tmp_path):
 
 def test_mlm_checkpoint_is_a_plain_encoder_and_resumes(tiny_bert, parallel_dirs, tmp_path, crash_after):
     full = tmp_path / "full"
-    argv = combo_argv(tiny_bert, parallel_dirs, full, "sentence=1,mlm=1", "--max_steps", "8", "--save_steps", "4")
+    argv = combo_argv(tiny_bert, parallel_dirs, full, "align=1,mlm=1", "--max_steps", "8", "--save_steps", "4")
     run_realign.main(argv)
     base = load_file(f"{tiny_bert}/model.safetensors")
     saved = load_file(full / "model.safetensors")
@@ -74,7 +75,7 @@ def test_mlm_checkpoint_is_a_plain_encoder_and_resumes(tiny_bert, parallel_dirs,
     assert f"{run_realign.MLM_HEAD_PREFIX}predictions.decoder.weight" not in head
 
     interrupted = tmp_path / "interrupted"
-    argv_interrupted = combo_argv(tiny_bert, parallel_dirs, interrupted, "sentence=1,mlm=1", "--max_steps", "8",
+    argv_interrupted = combo_argv(tiny_bert, parallel_dirs, interrupted, "align=1,mlm=1", "--max_steps", "8",
                                   "--save_steps", "4")
     with crash_after(Trainer, 6):
         run_realign.main(argv_interrupted)
@@ -86,9 +87,19 @@ def test_mlm_checkpoint_is_a_plain_encoder_and_resumes(tiny_bert, parallel_dirs,
 
 def test_mlm_head_is_tied_to_the_trained_embeddings(tiny_xlmr):
     model_args = run_realign.ModelArguments(model_name_or_path=tiny_xlmr)
-    realign_args = run_realign.RealignArguments(loss_weights="mlm=1", realign_layer=1)
-    model = run_realign.load_encoder(model_args, realign_args)
-    assert model.realign_mlm_head.decoder.weight is model.get_input_embeddings().weight
+    realign_args = run_realign.RealignArguments(realign_layer=1)
+    extensions = RealignExtensions(ExtensionArguments(loss_weights="mlm=1"), 1, 0.1, "positive")
+    model = run_realign.load_encoder(model_args, realign_args, extensions)
+    decoder = model.realign_mlm_head.decoder
+    assert isinstance(decoder, TiedOutputEmbedding) and decoder.embeddings[0] is model.get_input_embeddings()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(2)  # the head follows the trained embeddings, not a copy
+        hidden = torch.randn(3, model.config.hidden_size)
+        expected = hidden @ model.get_input_embeddings().weight.T + decoder.bias
+        assert torch.allclose(decoder(hidden), expected, atol=1e-6)
+    # The head holds its output bias once: nothing in its state aliases another tensor.
+    pointers = [t.data_ptr() for t in model.realign_mlm_head.state_dict().values()]
+    assert len(pointers) == len(set(pointers))
     # MLM reads the last layer: nothing above --realign_layer is frozen when it is on.
     assert all(p.requires_grad for p in model.encoder.layer[1].parameters())
 
@@ -109,23 +120,23 @@ def reference_word_loss(q, bags, embeddings, negatives, temperature):
     return float(np.mean(per_pair))
 
 
-def test_word_bag_loss_matches_the_formula():
+def test_bag_of_words_loss_matches_the_formula():
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(12, 6))
     q = rng.normal(size=(2, 6))
     pair_ids = torch.tensor([[0, 5, 6, 5, 1, 7, 1], [0, 8, 3, 1, 9, 1, -1]])  # 0, 1 special; -1 padding; 5 twice
     candidates = torch.arange(2, 12)
     torch.manual_seed(3)
-    loss, stats = word_bag_loss(torch.tensor(q), pair_ids, torch.tensor(embeddings), candidates, num_negatives=6,
+    loss, stats = bag_of_words_loss(torch.tensor(q), pair_ids, torch.tensor(embeddings), candidates, num_negatives=6,
                                 temperature=0.1)
     torch.manual_seed(3)
     negatives = candidates[torch.randperm(len(candidates))[:6]].tolist()  # the same draw
     expected = reference_word_loss(q, [{5, 6, 7}, {8, 3, 9}], embeddings, negatives, 0.1)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert stats["word_bag_size"].item() == 3.0
+    assert stats["bow_size"].item() == 3.0
 
 
-def test_word_bag_loss_learns_a_bag():
+def test_bag_of_words_loss_learns_a_bag():
     torch.manual_seed(0)
     embeddings = torch.nn.Parameter(torch.randn(30, 8))
     query = torch.nn.Parameter(torch.randn(1, 8))
@@ -133,12 +144,12 @@ def test_word_bag_loss_learns_a_bag():
     ids = torch.tensor([[0, 4, 9, 1]])
     first = None
     for _ in range(30):
-        loss, stats = word_bag_loss(query, ids, embeddings, torch.arange(2, 30), num_negatives=16, temperature=0.1)
+        loss, stats = bag_of_words_loss(query, ids, embeddings, torch.arange(2, 30), num_negatives=16, temperature=0.1)
         first = first if first is not None else loss.item()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert loss.item() < 0.5 * first and stats["word_bag_acc"].item() == 1.0
+    assert loss.item() < 0.5 * first and stats["bow_acc"].item() == 1.0
 
 
 def test_masked_lm_masks_like_bert():
@@ -167,8 +178,8 @@ def test_masked_lm_masks_like_bert():
 @pytest.mark.parametrize(
     "spec, match",
     [
-        ("sentence=0", "at least one"),
-        ("sentence=1,words=1", "term=weight"),
+        ("align=0", "at least one"),
+        ("align=1,words=1", "term=weight"),
         ("mlm=-1", "non-negative"),
         ("mlm=x", "must be a number"),
         ("mlm", "term=weight"),
@@ -176,12 +187,22 @@ def test_masked_lm_masks_like_bert():
 )
 def test_bad_loss_weights(spec, match):
     with pytest.raises(ValueError, match=match):
-        run_realign.RealignArguments(loss_weights=spec)
+        ExtensionArguments(loss_weights=spec)
 
 
 def test_loss_weights_are_recorded_canonically():
-    assert run_realign.RealignArguments(loss_weights="mlm=1, sentence=1").loss_weights == "sentence=1,word=0,mlm=1"
-    assert run_realign.RealignArguments().weights == run_realign.DEFAULT_LOSS_WEIGHTS
+    assert ExtensionArguments(loss_weights="mlm=1, align=1").loss_weights == "align=1,bow=0,mlm=1"
+    assert ExtensionArguments().weights == realign_extensions.DEFAULT_LOSS_WEIGHTS
+
+
+def test_earlier_names_still_work_with_a_warning():
+    with pytest.warns(FutureWarning, match="sentence= is deprecated; write align="):
+        assert ExtensionArguments(loss_weights="sentence=1,word=0.5").loss_weights == "align=1,bow=0.5,mlm=0"
+    with pytest.warns(FutureWarning, match="--word_negatives is deprecated; use --bow_negatives"):
+        args = ExtensionArguments(word_negatives=64)
+    assert args.bow_negatives == 64 and args.word_negatives is None
+    with pytest.warns(FutureWarning, match="--word_pooling is deprecated; use --subword_pooling"):
+        assert ExtensionArguments(word_pooling="mean").subword_pooling == "mean"
 
 
 def test_mlm_needs_a_mask_token(tiny_bert):
@@ -190,7 +211,7 @@ def test_mlm_needs_a_mask_token(tiny_bert):
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     tokenizer.mask_token = None
     with pytest.raises(ValueError, match="needs a tokenizer with a mask token"):
-        run_realign.check_loss_requirements(tokenizer, run_realign.RealignArguments(loss_weights="mlm=1"))
+        RealignExtensions(ExtensionArguments(loss_weights="mlm=1"), -1, 0.1, "positive").check_requirements(tokenizer)
 
 
 @pytest.mark.slow
@@ -198,7 +219,7 @@ def test_two_process_run_with_every_loss(tiny_bert, parallel_dirs, tmp_path):
     """Under DDP the MLM head runs outside the encoder's forward: it must not be taken for an unused parameter."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
-    argv = combo_argv(tiny_bert, parallel_dirs, out, "sentence=1,word=1,mlm=1", "--max_steps", "4",
+    argv = combo_argv(tiny_bert, parallel_dirs, out, "align=1,bow=1,mlm=1", "--max_steps", "4",
                       "--per_device_train_batch_size", "4", "--logging_steps", "2")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
@@ -207,6 +228,6 @@ def test_two_process_run_with_every_loss(tiny_bert, parallel_dirs, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
-    assert all({"train_loss_sentence", "train_loss_word", "train_loss_mlm"} <= set(e) for e in state["log_history"]
+    assert all({"train_loss_align", "train_loss_bow", "train_loss_mlm"} <= set(e) for e in state["log_history"]
                if "loss" in e)
     assert not any(k.startswith(run_realign.MLM_HEAD_PREFIX) for k in load_file(out / "model.safetensors"))

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+import downstream_utils
 import lang_registry
 import realign_utils
 import run_token_classification as rtc
@@ -117,7 +118,7 @@ def tagging_problems(features, rows: list[dict], source: rtc.TaggingSource, orig
     missing = [c for c in ("tokens", source.label_column) if c not in features]
     if missing:
         return [f"{origin}: missing column(s) {missing}; has {list(features)}"]
-    names = realign_utils.class_label_names(features[source.label_column])
+    names = downstream_utils.class_label_names(features[source.label_column])
     if names is not None and tuple(names) != source.label_names:
         problems.append(
             f"{origin}: {source.label_column} names {names}, the script declares {list(source.label_names)}"
@@ -144,7 +145,7 @@ def nli_problems(
     if missing:
         return [f"{origin}: missing column(s) {missing}; has {list(features)}"]
     problems = []
-    names = realign_utils.class_label_names(features[source.label_column])
+    names = downstream_utils.class_label_names(features[source.label_column])
     renames = dict(source.label_renames)
     if names is not None and tuple(names) != labels:
         problems.append(f"{origin}: {source.label_column} names {names}, the script expects {list(labels)}")
@@ -205,7 +206,7 @@ def test_masakhaner_parquet_branch(hub):
         for c in configs.values()
         if not parquet_branch_has(files, c, source.split)
     ]
-    dataset = realign_utils.load_hub_split(source.hub_id, "yor", source.split, parquet_branch=True)
+    dataset = downstream_utils.load_hub_split(source.hub_id, "yor", source.split, parquet_branch=True)
     problems += tagging_problems(
         dataset.features, dataset.select(range(ROWS)).to_list(), source, f"{source.hub_id} yor/{source.split}"
     )
@@ -244,7 +245,7 @@ def test_masakhapos_raw_files_and_script_label_order(hub, github):
 @pytest.mark.parametrize("name", ["xnli", "afrixnli", "americasnli", "myxnli"])
 def test_nli_sources_load_dataset(hub, name):
     source = run_xnli.SOURCES[name]
-    configs = realign_utils.eval_configs(name)
+    configs = downstream_utils.eval_configs(name)
     problems = []
     for config in sorted(set(configs.values())):
         splits = split_names(source.hub_id, config, source.revision)
@@ -266,7 +267,7 @@ def test_indonli_parquet_branch(hub):
         for s in ("train", "validation", "test_lay", "test_expert")
         if not parquet_branch_has(files, "indonli", s)
     ]
-    dataset = realign_utils.load_hub_split(source.hub_id, "indonli", source.split, parquet_branch=True)
+    dataset = downstream_utils.load_hub_split(source.hub_id, "indonli", source.split, parquet_branch=True)
     problems += nli_problems(
         dataset.features,
         dataset.select(range(ROWS)).to_list(),
@@ -280,7 +281,7 @@ def test_indonli_parquet_branch(hub):
 @online
 def test_sib200(hub):
     source = run_xnli.SIB200_SOURCES["sib200"]
-    configs = realign_utils.eval_configs("sib200")
+    configs = downstream_utils.eval_configs("sib200")
     available = set(config_names(source.hub_id))
     problems = [
         f"{source.hub_id}: registry config {c} is not on the Hub" for c in configs.values() if c not in available
@@ -338,7 +339,7 @@ def test_nllb_raw_file(hub):
 def test_tatoeba(hub):
     from analyze_alignment import TATOEBA_HUB_ID
 
-    configs = realign_utils.eval_configs("tatoeba")
+    configs = downstream_utils.eval_configs("tatoeba")
     available = set(config_names(TATOEBA_HUB_ID))
     problems = [
         f"{TATOEBA_HUB_ID}: registry config {c} is not on the Hub" for c in configs.values() if c not in available
@@ -354,16 +355,16 @@ def test_tatoeba(hub):
 def _local(path: Path, source_name: str):
     if path.suffix == ".txt":
         return rtc.read_token_tag_lines(path, rtc.SOURCES[source_name].label_column)
-    return realign_utils.read_local_table(path)
+    return downstream_utils.read_local_table(path)
 
 
 def test_contract_checks_pass_on_the_fixtures_and_catch_drift(downstream_dir):
     for name, config in (("udpos", "en"), ("wikiann", "en"), ("masakhapos", "hau")):
         split = "test" if name == "masakhapos" else "train"
-        path = realign_utils.find_local_split(str(downstream_dir), name, config, split, (".parquet", ".txt"))
+        path = downstream_utils.find_local_split(str(downstream_dir), name, config, split, (".parquet", ".txt"))
         dataset = _local(path, name)
         assert tagging_problems(dataset.features, dataset.to_list()[:ROWS], rtc.SOURCES[name], str(path)) == []
-    masakhaner = realign_utils.read_local_table(downstream_dir / "masakhaner" / "yor" / "test")
+    masakhaner = downstream_utils.read_local_table(downstream_dir / "masakhaner" / "yor" / "test")
     assert tagging_problems(masakhaner.features, masakhaner.to_list(), rtc.SOURCES["masakhaner"], "m") == []
     for name, config, split in (
         ("xnli", "en", "train"),
@@ -371,15 +372,15 @@ def test_contract_checks_pass_on_the_fixtures_and_catch_drift(downstream_dir):
         ("myxnli", "default", "test"),
         ("indonli", "indonli", "test_expert"),
     ):
-        path = realign_utils.find_local_split(str(downstream_dir), name, config, split, (".parquet", ".tsv", ".jsonl"))
-        dataset = realign_utils.read_local_table(path)
+        path = downstream_utils.find_local_split(str(downstream_dir), name, config, split, (".parquet", ".tsv", ".jsonl"))
+        dataset = downstream_utils.read_local_table(path)
         source = run_xnli.SOURCES[name]
         assert nli_problems(dataset.features, dataset.to_list()[:ROWS], source, run_xnli.NLI_LABELS, str(path)) == []
 
     # Drift is caught: a label order that is not the declared one, a renamed column, a label that is none of ours.
     import datasets
 
-    wikiann = realign_utils.read_local_table(downstream_dir / "wikiann" / "en" / "train.parquet")
+    wikiann = downstream_utils.read_local_table(downstream_dir / "wikiann" / "en" / "train.parquet")
     features = wikiann.features.copy()
     features["ner_tags"] = datasets.List(datasets.ClassLabel(names=list(reversed(rtc.WIKIANN_TAGS))))
     assert "names" in tagging_problems(features, wikiann.to_list()[:2], rtc.SOURCES["wikiann"], "w")[0]

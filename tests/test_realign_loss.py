@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import run_realign
+from realign_losses import contrastive_alignment_loss
 from realign_utils import content_token_mask, masked_mean_pool, retrieval_precision_at_1
-from run_realign import LanguageMixingSampler, PairCollator, contrastive_alignment_loss, language_probabilities
+from run_realign import LanguageMixingSampler, PairCollator, language_probabilities
 
 
 def reference_loss(src: np.ndarray, tgt: np.ndarray, temperature: float) -> float:

@@ -440,7 +440,7 @@ def test_deepspeed_zero2_two_cpu_processes(tiny_bert, parallel_dirs, tmp_path):
     result = run(command, env, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     config = json.loads((out / run_realign.CONFIG_FILE).read_text())
-    assert config["settings"]["training.world_size"] == 2  # two processes really ran, each on its share
+    assert config["settings"]["training"]["world_size"] == 2  # two processes really ran, each on its share
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     negatives = {e["train_negatives_per_query"] for e in state["log_history"] if "train_negatives_per_query" in e}

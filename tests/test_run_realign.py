@@ -191,7 +191,7 @@ def test_following_the_overlong_advice_in_the_same_output_dir(tiny_bert, paralle
     assert not out.exists() or not any(out.iterdir())  # refused for its input: nothing recorded
     run_realign.main([*argv, "--overlong", "truncate"])
     settings = json.loads((out / run_realign.SETTINGS_FILE).read_text())["settings"]
-    assert settings["data.overlong"] == "truncate"
+    assert settings["data"]["overlong"] == "truncate"
 
 
 def test_config_yaml_with_cli_override(tiny_bert, parallel_dirs, tmp_path):
@@ -232,7 +232,7 @@ def test_group_by_length_pads_less(tiny_bert, parallel_dirs, tmp_path, monkeypat
         training = masks
         padding[strategy] = 1 - sum(int(m.sum()) for m in training) / sum(m.numel() for m in training)
         settings = json.loads((out / run_realign.SETTINGS_FILE).read_text())["settings"]
-        assert settings["training.train_sampling_strategy"] == strategy
+        assert settings["training"]["train_sampling_strategy"] == strategy
     # Not to zero: the two sides of a pair still differ in length (0.23 → 0.14 with this fixture).
     assert padding["group_by_length"] < 0.75 * padding["random"], padding
 
@@ -384,7 +384,7 @@ def test_two_process_cpu_run(gather, tiny_bert, parallel_dirs, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 6
-    assert json.loads((out / run_realign.CONFIG_FILE).read_text())["settings"]["training.world_size"] == 2
+    assert json.loads((out / run_realign.CONFIG_FILE).read_text())["settings"]["training"]["world_size"] == 2
     AutoModel.from_pretrained(out)
     retrieval = [e["train_retrieval_acc"] for e in state["log_history"] if "train_retrieval_acc" in e]
     assert retrieval

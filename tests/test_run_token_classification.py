@@ -27,6 +27,7 @@ from fixtures_downstream import (
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+import downstream_utils
 import realign_utils
 import run_realign
 import run_token_classification as rtc
@@ -193,7 +194,7 @@ def test_eval_language_resolution(caplog):
 def load_one(task: str, source: str, language: str, config: str, data_dir: Path, label_list: list[str]):
     data_args = rtc.DataArguments(task=task, data_dir=str(data_dir), eval_languages=language)
     model_args = rtc.ModelArguments(model_name_or_path="unused")
-    (eval_set,) = rtc.load_eval_data([realign_utils.EvalTarget(source, language, config)], label_list, data_args, model_args)
+    (eval_set,) = rtc.load_eval_data([downstream_utils.EvalTarget(source, language, config)], label_list, data_args, model_args)
     return eval_set.dataset
 
 
@@ -246,7 +247,7 @@ def test_evaluation_batches_are_sorted_by_length():
     import datasets
 
     dataset = datasets.Dataset.from_dict({"input_ids": [[1], [1, 2, 3], [1, 2], [4, 5, 6]], "row": [0, 1, 2, 3]})
-    assert realign_utils.sort_by_length(dataset.select([3, 0, 1, 2]))["row"] == [3, 1, 2, 0]
+    assert downstream_utils.sort_by_length(dataset.select([3, 0, 1, 2]))["row"] == [3, 1, 2, 0]
 
 
 # -- metrics --------------------------------------------------------------------------------------------------------
@@ -390,8 +391,8 @@ def test_hub_loading_routes_each_source_to_its_loader(tiny_bert, downstream_dir,
         calls.append((hub_id, config, split, parquet_branch, revision))
         source = {"izhx/xtreme-r-udpos": "udpos", "unimelb-nlp/wikiann": "wikiann",
                   "masakhane/masakhaner2": "masakhaner"}[hub_id]
-        path = realign_utils.find_local_split(str(downstream_dir), source, config, split, (".parquet", ".jsonl"))
-        return realign_utils.read_local_table(path, str(cache_dir))
+        path = downstream_utils.find_local_split(str(downstream_dir), source, config, split, (".parquet", ".jsonl"))
+        return downstream_utils.read_local_table(path, str(cache_dir))
 
     def fake_cached_path(url, download_config=None):
         calls.append(url)
@@ -427,14 +428,14 @@ def test_parquet_branch_layouts(downstream_dir, cache_dir, tmp_path, monkeypatch
         return str(snapshot)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
-    test = realign_utils.load_hub_split("masakhane/masakhaner2", "yor", "test", parquet_branch=True, cache_dir=str(cache_dir))
+    test = downstream_utils.load_hub_split("masakhane/masakhaner2", "yor", "test", parquet_branch=True, cache_dir=str(cache_dir))
     assert test.features["ner_tags"].feature.names[-1] == "I-DATE" and test[0]["tokens"] == MASAKHANER_CRAFTED["tokens"]
     assert requests[0][:3] == ("masakhane/masakhaner2", "dataset", "refs/convert/parquet")
     assert "yor/test/*.parquet" in requests[0][3]
-    train = realign_utils.load_hub_split("masakhane/masakhaner2", "yor", "train", parquet_branch=True, revision="abc")
+    train = downstream_utils.load_hub_split("masakhane/masakhaner2", "yor", "train", parquet_branch=True, revision="abc")
     assert len(train) == 2 and requests[1][2] == "abc"
     with pytest.raises(FileNotFoundError, match="no parquet files for config 'yor', split 'validation'"):
-        realign_utils.load_hub_split("masakhane/masakhaner2", "yor", "validation", parquet_branch=True)
+        downstream_utils.load_hub_split("masakhane/masakhaner2", "yor", "validation", parquet_branch=True)
 
 
 def test_evaluation_only_run_of_a_fine_tuned_model(tiny_bert, downstream_dir, cache_dir, tmp_path):

@@ -25,6 +25,7 @@ from fixtures_downstream import (
 from safetensors.torch import load_file
 from transformers import Trainer
 
+import downstream_utils
 import realign_utils
 import run_realign
 import run_token_classification
@@ -90,7 +91,7 @@ def test_nli_paper_set_end_to_end(tiny_xlmr, downstream_dir, cache_dir, tmp_path
 def load_one(source: str, language: str, config: str, data_dir: Path):
     data_args = run_xnli.DataArguments(data_dir=str(data_dir), eval_languages=language)
     model_args = run_xnli.ModelArguments(model_name_or_path="unused")
-    target = realign_utils.EvalTarget(source, language, config)
+    target = downstream_utils.EvalTarget(source, language, config)
     (eval_set,) = run_xnli.load_eval_data([target], list(NLI_LABELS), data_args, model_args)
     return eval_set
 
@@ -238,8 +239,8 @@ def test_hub_loading_routes_each_source_to_its_loader(tiny_bert, downstream_dir,
     def fake_load_hub_split(hub_id, config, split, *, parquet_branch=False, revision=None, cache_dir=None):
         calls.append((hub_id, config, split, parquet_branch, revision))
         source = {s.hub_id: name for name, s in run_xnli.SOURCES.items()}[hub_id]
-        path = realign_utils.find_local_split(str(downstream_dir), source, config, split, (".parquet", ".jsonl", ".tsv"))
-        return realign_utils.read_local_table(path, str(cache_dir))
+        path = downstream_utils.find_local_split(str(downstream_dir), source, config, split, (".parquet", ".jsonl", ".tsv"))
+        return downstream_utils.read_local_table(path, str(cache_dir))
 
     monkeypatch.setattr(run_xnli, "load_hub_split", fake_load_hub_split)
     metrics = run_xnli.main(["--model_name_or_path", tiny_bert, "--output_dir", str(tmp_path / "o"), "--use_cpu",
@@ -341,7 +342,7 @@ def test_unknown_eval_source(tiny_bert, tmp_path):
 
 def test_shared_copies_agree():
     # The realigned-checkpoint config file name is written by run_realign.py and read by realign_utils.
-    assert realign_utils.REALIGN_CONFIG_FILE == run_realign.CONFIG_FILE
+    assert downstream_utils.REALIGN_CONFIG_FILE == run_realign.CONFIG_FILE
     # Its settings file name too: the guard of every script refuses a folder holding another script's run.
     assert realign_utils.REALIGN_SETTINGS_FILE == run_realign.SETTINGS_FILE
     # Both downstream scripts declare the same model arguments and the paper's settings, epochs and save interval aside.

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import run_realign
-from run_realign import PairCollator, contrastive_alignment_loss, meaning_key
+from realign_losses import contrastive_alignment_loss
+from run_realign import PairCollator, meaning_key
 
 TREATMENTS = ("positive", "ignore", "negative")
 

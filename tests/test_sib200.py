@@ -12,6 +12,7 @@ import torch
 from fixtures_downstream import SIB200_CATEGORIES, build_sib200_dir, registry_configs, sib200_rows, write_sib200
 from safetensors.torch import load_file
 
+import downstream_utils
 import realign_utils
 import run_xnli
 
@@ -72,7 +73,7 @@ def test_categories_are_matched_by_name(tmp_path):
     write_sib200(tmp_path, "yor_Latn", "test", rows)
     data_args = run_xnli.DataArguments(task="sib200", data_dir=str(tmp_path), eval_languages="yor")
     model_args = run_xnli.ModelArguments(model_name_or_path="unused")
-    target = realign_utils.EvalTarget("sib200", "yor", "yor_Latn")
+    target = downstream_utils.EvalTarget("sib200", "yor", "yor_Latn")
     (eval_set,) = run_xnli.load_eval_data([target], list(run_xnli.SIB200_LABELS), data_args, model_args)
     assert eval_set.dataset.column_names == ["text", "label"]
     assert eval_set.dataset["label"] == [6, 3, 0]
@@ -98,8 +99,8 @@ def test_hub_loading_reads_davlan_sib200(tiny_bert, sib_dir, tmp_path, monkeypat
 
     def fake_load_hub_split(hub_id, config, split, *, parquet_branch=False, revision=None, cache_dir=None):
         calls.append((hub_id, config, split))
-        path = realign_utils.find_local_split(str(sib_dir), "sib200", config, split, (".tsv",))
-        return realign_utils.read_local_table(path)
+        path = downstream_utils.find_local_split(str(sib_dir), "sib200", config, split, (".tsv",))
+        return downstream_utils.read_local_table(path)
 
     monkeypatch.setattr(run_xnli, "load_hub_split", fake_load_hub_split)
     run_xnli.main(["--task", "sib200", "--model_name_or_path", tiny_bert, "--output_dir", str(tmp_path / "o"),
