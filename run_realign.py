@@ -347,6 +347,8 @@ def resolve_languages(data_args: DataArguments, seed: int) -> tuple[list[str], d
     return codes, info
 
 
+# You can read another parallel corpus here: return datasets with an English `src` and a translated `tgt` column
+# (and an `id` when translations of one sentence should share a meaning); everything downstream stays the same.
 def load_hub_parallel(language: lang_registry.Language, cache_dir: str | None) -> dict[str, datasets.Dataset]:
     """Load a language's pairs from the Hub: OPUS-100 where it has the pair, NLLB otherwise (per the registry)."""
     source = language.parallel
@@ -618,6 +620,7 @@ def build_datasets(
     return train_dataset, eval_dataset, stats
 
 
+# You can change how languages are mixed within a batch here (RealignTrainer._get_train_sampler builds it).
 class LanguageMixingSampler(torch.utils.data.Sampler):
     """Yield training indices whose language is drawn per pair (uniform by default), each corpus shuffled whole.
 
@@ -970,6 +973,7 @@ class RealignTrainer(CachedLookups, Trainer):
         self.log(retrieval)
         return metrics
 
+    # You can change realignment's evaluation here: it runs on the held-out pairs at every `evaluate()`.
     @torch.no_grad()
     def retrieval_metrics(self, dataset: datasets.Dataset, prefix: str = "eval") -> dict[str, float]:
         """Per-language precision@1 of finding each held-out sentence's translation among that language's pairs."""

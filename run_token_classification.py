@@ -129,6 +129,7 @@ class TaggingSource:
     label_renames: tuple[tuple[str, str], ...] = ()
 
 
+# You can add a tagging dataset here (then list it in TASK_SOURCES and give its languages in languages.yaml).
 SOURCES = {
     "udpos": TaggingSource("udpos", "izhx/xtreme-r-udpos", "pos_tags", UDPOS_TAGS, "udpos", raw_format="conllu"),
     "xtreme_udpos": TaggingSource("xtreme_udpos", "google/xtreme", "pos_tags", UDPOS_TAGS, None, raw_format="conllu"),
@@ -487,6 +488,7 @@ def load_eval_data(targets, label_list, data_args: DataArguments, model_args: Mo
     return eval_sets
 
 
+# You can change the preprocessing here (e.g. label every sub-word instead of the first one).
 def tokenize_and_align_labels(examples, tokenizer, label_column: str, max_length: int) -> dict[str, Any]:
     """Tokenise pre-split words and label the first sub-word of each word; other pieces and special tokens get -100."""
     tokenized = tokenizer(examples["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
@@ -584,6 +586,7 @@ def ner_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, f
     }
 
 
+# You can change the metrics here; evaluate_languages (downstream_utils.py) applies them to every language.
 def build_compute_metrics(task: str, label_list: list[str]):
     """POS: accuracy over first sub-words. NER: seqeval scores over the labelled positions."""
 

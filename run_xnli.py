@@ -113,6 +113,7 @@ class NLISource:
     label_renames: tuple[tuple[str, str], ...] = ()  # source label names -> the task's (after normalize_label_name)
 
 
+# You can add a sentence-pair or sentence dataset here (then a Task in TASKS, and its languages in languages.yaml).
 SOURCES = {
     "xnli": NLISource("xnli", "facebook/xnli"),
     "afrixnli": NLISource("afrixnli", "masakhane/afrixnli"),
@@ -472,6 +473,7 @@ def load_tokenizer_and_model(model_args: ModelArguments, label_list: list[str], 
     return tokenizer, model
 
 
+# You can change the metric here; evaluate_languages (downstream_utils.py) applies it to every language.
 def compute_metrics(eval_pred) -> dict[str, float]:
     """Accuracy of the predicted classes (already arg-maxed by `argmax_logits`)."""
     predictions, labels = eval_pred.predictions, eval_pred.label_ids  # (N,) each

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -391,3 +392,24 @@ def test_two_process_cpu_run(gather, tiny_bert, parallel_dirs, tmp_path):
     # Each query's negatives: the other 2·4 − 2 sentences of its process, or 2·(4·2) − 2 with gathering.
     negatives = {e["train_negatives_per_query"] for e in state["log_history"] if "train_negatives_per_query" in e}
     assert negatives == ({14} if gather else {6})
+
+
+def test_canonical_command_parses_as_printed(caplog):
+    """`accelerate launch run_realign.py --subset subsets/uriel_20.yaml` needs nothing else: the paper's XLM-R base
+    and an output folder named after the model, subset and seed (printed)."""
+    with caplog.at_level(logging.WARNING, logger="run_realign"):
+        model_args, data_args, realign_args, extension_args, training_args = run_realign.parse_realign_args(
+            ["--subset", "subsets/uriel_20.yaml"]
+        )
+    assert model_args.model_name_or_path == "xlm-roberta-base"
+    expected = str(Path("out") / "realign" / "xlm-roberta-base" / "uriel_20" / "seed42")
+    assert training_args.output_dir == expected
+    assert any(expected in record.getMessage() for record in caplog.records)
+    assert (training_args.max_steps, training_args.learning_rate, realign_args.temperature) == (24_544, 2e-5, 0.1)
+    assert extension_args.weights == {"align": 1.0, "bow": 0.0, "mlm": 0.0}
+    _, _, _, _, other = run_realign.parse_realign_args(
+        ["--languages", "Yor,swa", "--model_name_or_path", "models/e5/", "--seed", "17"]
+    )
+    assert other.output_dir == str(Path("out") / "realign" / "e5" / "languages-swa-yor" / "seed17")
+    _, _, _, _, given = run_realign.parse_realign_args(["--subset", "uriel_20", "--output_dir", "mine"])
+    assert given.output_dir == "mine"
