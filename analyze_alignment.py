@@ -63,7 +63,9 @@ from realign_utils import (
 
 logger = logging.getLogger(__name__)
 
-TATOEBA_HUB_ID = "mteb/tatoeba-bitext-mining"  # configs deu-eng …; test split; sentence1 = non-English, sentence2 = English
+TATOEBA_HUB_ID = (
+    "mteb/tatoeba-bitext-mining"  # configs deu-eng …; test split; sentence1 = non-English, sentence2 = English
+)
 SIB200_HUB_ID = "Davlan/sib200"  # FLORES-200 sentences (with topics), one config per language, aligned by index_id
 HUB_SOURCES = ("tatoeba", "sib200")
 DEFAULT_SPLITS = {"tatoeba": "test", "sib200": "train+validation+test"}
@@ -125,7 +127,9 @@ class AnalysisArguments:
     )
     layers: str = field(
         default="4,8,12",
-        metadata={"help": "The hidden_states indices to analyse (0 = embeddings, 12 = last layer of a 12-layer model)."},
+        metadata={
+            "help": "The hidden_states indices to analyse (0 = embeddings, 12 = last layer of a 12-layer model)."
+        },
     )
     max_pairs: int | None = field(
         default=None, metadata={"help": "Use at most this many sentence pairs per language pair (the first ones)."}
@@ -244,8 +248,11 @@ def resolve_pairs(args: AnalysisArguments, registry) -> list[tuple[str, str]]:
         else:
             singles.append(item)
     if singles:
-        pairs.extend((code, ENGLISH) for code in lang_registry.parse_language_list(",".join(singles), registry=registry,
-                                                                                    seed=args.seed) if code != ENGLISH)
+        pairs.extend(
+            (code, ENGLISH)
+            for code in lang_registry.parse_language_list(",".join(singles), registry=registry, seed=args.seed)
+            if code != ENGLISH
+        )
     if args.parallel_data != "sib200" and any(ENGLISH not in pair for pair in pairs):
         raise ValueError(
             f"Pairs without English ({', '.join('-'.join(p) for p in pairs if ENGLISH not in p)}) need multi-way "
@@ -281,7 +288,9 @@ def load_parallel_sets(args: AnalysisArguments, pairs: list[tuple[str, str]], re
             if args.parallel_data == "tatoeba":
                 config = registry.get(other).eval.get("tatoeba")
                 if config is None:
-                    raise ValueError(f"Tatoeba has no {other}-eng pair in the registry; drop {other} from --languages.")
+                    raise ValueError(
+                        f"Tatoeba has no {other}-eng pair in the registry; drop {other} from --languages."
+                    )
                 left, right, origins = [], [], []
                 for split in _splits(args):
                     dataset, origin = _hub_or_local("tatoeba", TATOEBA_HUB_ID, config, split, args)
@@ -365,8 +374,15 @@ class Embedder:
     def __call__(self, texts: list[str]) -> dict[int, torch.Tensor]:
         missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
         if missing:
-            vectors = encode_layers(self.model, self.tokenizer, missing, self.layers, batch_size=self.args.batch_size,
-                                    max_length=self.args.max_length, device=self.device)
+            vectors = encode_layers(
+                self.model,
+                self.tokenizer,
+                missing,
+                self.layers,
+                batch_size=self.args.batch_size,
+                max_length=self.args.max_length,
+                device=self.device,
+            )
             for row, text in enumerate(missing):
                 self.cache[text] = {layer: vectors[layer][row] for layer in self.layers}
         return {layer: torch.stack([self.cache[t][layer] for t in texts]) for layer in self.layers}
@@ -401,7 +417,10 @@ def dictionary_metrics(embedder: Embedder, entries: list[tuple[str, str]]) -> di
     out = {}
     for layer in embedder.layers:
         gap = cosine_gap(a[layer], b[layer], "cos")
-        out[layer] = {"token_cos_distance": 1 - gap["cos_translation"], "token_cos_distance_random": 1 - gap["cos_random"]}
+        out[layer] = {
+            "token_cos_distance": 1 - gap["cos_translation"],
+            "token_cos_distance_random": 1 - gap["cos_random"],
+        }
     return out
 
 
@@ -466,8 +485,13 @@ def load_task_examples(args: AnalysisArguments):
         )
     count = min(len(dataset), args.gradient_batches * args.gradient_batch_size)
     dataset = dataset.shuffle(seed=args.seed).select(range(count))
-    logger.info("Task examples: %d from %s (%s-level, labels in %r)", count, origin,
-                "token" if token_level else "sequence", label_column)
+    logger.info(
+        "Task examples: %d from %s (%s-level, labels in %r)",
+        count,
+        origin,
+        "token" if token_level else "sequence",
+        label_column,
+    )
     return dataset.rename_columns({text_column: "_text", label_column: "_label"}), token_level
 
 
@@ -479,20 +503,30 @@ def task_label_ids(values: list, config) -> tuple[list, int]:
         mapping = dict(names) if set(flat) <= set(names) else {n: i for i, n in enumerate(sorted(set(flat)))}
     else:
         mapping = {v: int(v) for v in set(flat)}
-    convert = (lambda row: [mapping[v] for v in row]) if values and isinstance(values[0], list) else mapping.__getitem__
+    convert = (
+        (lambda row: [mapping[v] for v in row]) if values and isinstance(values[0], list) else mapping.__getitem__
+    )
     num_labels = max(len(names), max(mapping.values()) + 1)
     return [convert(v) for v in values], num_labels
 
 
-def task_batches(dataset, token_level: bool, tokenizer, label_ids: list, args: AnalysisArguments, device) -> list[dict]:
+def task_batches(
+    dataset, token_level: bool, tokenizer, label_ids: list, args: AnalysisArguments, device
+) -> list[dict]:
     """Tokenised task batches; token-level labels on first sub-words only (other pieces and specials −100)."""
     batches = []
     for start in range(0, len(dataset), args.gradient_batch_size):
         rows = dataset[start : start + args.gradient_batch_size]
         labels = label_ids[start : start + args.gradient_batch_size]
         if token_level:
-            encoded = tokenizer(rows["_text"], is_split_into_words=True, truncation=True, max_length=args.max_length,
-                                padding=True, return_tensors="pt")
+            encoded = tokenizer(
+                rows["_text"],
+                is_split_into_words=True,
+                truncation=True,
+                max_length=args.max_length,
+                padding=True,
+                return_tensors="pt",
+            )
             aligned = []
             for row, tags in enumerate(labels):
                 previous, row_labels = None, []
@@ -502,15 +536,22 @@ def task_batches(dataset, token_level: bool, tokenizer, label_ids: list, args: A
                 aligned.append(row_labels)
             encoded["labels"] = torch.tensor(aligned)
         else:
-            encoded = tokenizer(rows["_text"], truncation=True, max_length=args.max_length, padding=True,
-                                return_tensors="pt")
+            encoded = tokenizer(
+                rows["_text"], truncation=True, max_length=args.max_length, padding=True, return_tensors="pt"
+            )
             encoded["labels"] = torch.tensor(labels)
         batches.append({k: v.to(device) for k, v in encoded.items()})
     return batches
 
 
-def gradient_cosines(model_path: str, task_model: str | None, sets: list[ParallelSet], args: AnalysisArguments,
-                     layers: list[int], device) -> dict[str, Any]:
+def gradient_cosines(
+    model_path: str,
+    task_model: str | None,
+    sets: list[ParallelSet],
+    args: AnalysisArguments,
+    layers: list[int],
+    device,
+) -> dict[str, Any]:
     """Cosine between the task-loss gradient and each pair's alignment-loss gradient, per layer group.
 
     Both gradients are taken at the same parameters (the encoder of `task_model`, or of `model_path` under a fresh
@@ -524,9 +565,16 @@ def gradient_cosines(model_path: str, task_model: str | None, sets: list[Paralle
     auto_class = AutoModelForTokenClassification if token_level else AutoModelForSequenceClassification
     torch.manual_seed(args.seed)  # the fresh head, when there is one, is the same for every run
     kwargs = {} if task_model else {"num_labels": num_labels}
-    model = auto_class.from_pretrained(source, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code,
-                                       **kwargs).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
+    model = (
+        auto_class.from_pretrained(
+            source, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code, **kwargs
+        )
+        .to(device)
+        .eval()
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code
+    )
     encoder = model.base_model
     names = [n for n, p in encoder.named_parameters() if p.requires_grad]
     groups = layer_groups(names, layers)
@@ -540,8 +588,9 @@ def gradient_cosines(model_path: str, task_model: str | None, sets: list[Paralle
                     acc += g
         return dict(zip(groups["all"], total))
 
-    task_gradient = gradient(model(**batch).loss for batch in task_batches(dataset, token_level, tokenizer, label_ids,
-                                                                               args, device))
+    task_gradient = gradient(
+        model(**batch).loss for batch in task_batches(dataset, token_level, tokenizer, label_ids, args, device)
+    )
     special_ids = pooling_special_ids(tokenizer).to(device)
 
     def alignment_losses(parallel: ParallelSet):
@@ -551,16 +600,23 @@ def gradient_cosines(model_path: str, task_model: str | None, sets: list[Paralle
             if stop - start < 2:
                 continue
             texts = parallel.a[start:stop] + parallel.b[start:stop]
-            batch = tokenizer(texts, truncation=True, max_length=args.max_length, padding=True,
-                              return_tensors="pt").to(device)
+            batch = tokenizer(
+                texts, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt"
+            ).to(device)
             hidden = encoder(**batch).last_hidden_state  # (2N, L, d)
-            pooled = masked_mean_pool(hidden, content_token_mask(batch["input_ids"], batch["attention_mask"],
-                                                                 special_ids))
+            pooled = masked_mean_pool(
+                hidden, content_token_mask(batch["input_ids"], batch["attention_mask"], special_ids)
+            )
             yield contrastive_alignment_loss(*pooled.chunk(2), args.temperature)[0]  # realignment's own loss
 
-    result: dict[str, Any] = {"grad_cosine": {}, "grad_norm_alignment": {}, "task": "token" if token_level else "sequence"}
-    result["grad_norm_task"] = {g: math.sqrt(sum(task_gradient[n].double().pow(2).sum().item() for n in ns))
-                                for g, ns in groups.items()}
+    result: dict[str, Any] = {
+        "grad_cosine": {},
+        "grad_norm_alignment": {},
+        "task": "token" if token_level else "sequence",
+    }
+    result["grad_norm_task"] = {
+        g: math.sqrt(sum(task_gradient[n].double().pow(2).sum().item() for n in ns)) for g, ns in groups.items()
+    }
     for parallel in sets:
         align_gradient = gradient(alignment_losses(parallel))
         result["grad_cosine"][parallel.name] = group_cosines(task_gradient, align_gradient, groups)
@@ -591,10 +647,14 @@ def resolve_layers(requested: list[int], num_layers: int, model_path: str) -> li
 def analyse_model(model_path: str, task_model: str | None, sets, dictionaries, args, device) -> dict[str, Any]:
     """Every metric of one model: {"layers": {pair: {layer: {metric: value}}}, "gradients": ..., "seconds": ...}."""
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(model_path, cache_dir=args.cache_dir,
-                                              trust_remote_code=args.trust_remote_code)
-    model = AutoModel.from_pretrained(model_path, cache_dir=args.cache_dir,
-                                      trust_remote_code=args.trust_remote_code).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code
+    )
+    model = (
+        AutoModel.from_pretrained(model_path, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
+        .to(device)
+        .eval()
+    )
     layers = resolve_layers(args.layer_list, model.config.num_hidden_layers, model_path)
     embedder = Embedder(model, tokenizer, layers, args, device)
     per_pair: dict[str, dict[int, dict[str, float]]] = {}
@@ -644,7 +704,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines += [
         f"Parallel data: {report['parallel_data']}; pooling: mean over text tokens of hidden_states[layer]. "
         "Recall cells read `raw (mean-centered)`: centering subtracts each language's mean embedding and needs no "
-        "training, so only a gain beyond it is credited to realignment.", "",
+        "training, so only a gain beyond it is credited to realignment.",
+        "",
     ]
     views = [("model", report["model"]["metrics"])]
     if report.get("delta"):
@@ -656,8 +717,12 @@ def markdown_report(report: dict[str, Any]) -> str:
             continue
         for view, table in views:
             title = {"model": "", "compare_to": " — compare_to", "delta": " — Δ"}[view]
-            lines += [f"## {metric}{title}", "", "| pair | " + " | ".join(f"layer {layer}" for layer in layers) + " |",
-                      "|---|" + "---|" * len(layers)]
+            lines += [
+                f"## {metric}{title}",
+                "",
+                "| pair | " + " | ".join(f"layer {layer}" for layer in layers) + " |",
+                "|---|" + "---|" * len(layers),
+            ]
             for pair, per_layer in table.items():
                 cells = []
                 for layer in layers:
@@ -677,8 +742,12 @@ def markdown_report(report: dict[str, Any]) -> str:
         for view, grads in grad_views:
             title = {"model": "", "compare_to": " — compare_to", "delta": " — Δ"}[view]
             groups = gradients["groups"]
-            lines += [f"## grad_cosine (task: {gradients['task']}-level){title}", "",
-                      "| pair | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+            lines += [
+                f"## grad_cosine (task: {gradients['task']}-level){title}",
+                "",
+                "| pair | " + " | ".join(groups) + " |",
+                "|---|" + "---|" * len(groups),
+            ]
             for pair, values in grads["grad_cosine"].items():
                 lines.append(f"| {pair} | " + " | ".join(_fmt(values.get(g)) for g in groups) + " |")
             lines.append("")
@@ -700,24 +769,38 @@ def plot_reports(report: dict[str, Any], output_dir: Path) -> list[Path]:
         panels += [("compare_to", report["compare_to"]["metrics"]), ("Δ", report["delta"]["metrics"])]
     tables = {}
     for metric in LAYER_METRICS:
-        pairs = [p for p, per_layer in report["model"]["metrics"].items()
-                 if any(metric in per_layer.get(layer, {}) for layer in layers)]
+        pairs = [
+            p
+            for p, per_layer in report["model"]["metrics"].items()
+            if any(metric in per_layer.get(layer, {}) for layer in layers)
+        ]
         if pairs:
-            tables[metric] = (pairs, [str(layer) for layer in layers],
-                              [(name, [[m.get(p, {}).get(layer, {}).get(metric, np.nan) for layer in layers]
-                                       for p in pairs]) for name, m in panels])
+            tables[metric] = (
+                pairs,
+                [str(layer) for layer in layers],
+                [
+                    (name, [[m.get(p, {}).get(layer, {}).get(metric, np.nan) for layer in layers] for p in pairs])
+                    for name, m in panels
+                ],
+            )
     gradients = report["model"].get("gradients")
     if gradients:
         pairs, groups = list(gradients["grad_cosine"]), gradients["groups"]
         grad_panels = [("model", gradients)]
         if report.get("delta") and report["delta"].get("gradients"):
             grad_panels += [("compare_to", report["compare_to"]["gradients"]), ("Δ", report["delta"]["gradients"])]
-        tables["grad_cosine"] = (pairs, groups, [(name, [[g["grad_cosine"].get(p, {}).get(group, np.nan)
-                                                          for group in groups] for p in pairs])
-                                                 for name, g in grad_panels])
+        tables["grad_cosine"] = (
+            pairs,
+            groups,
+            [
+                (name, [[g["grad_cosine"].get(p, {}).get(group, np.nan) for group in groups] for p in pairs])
+                for name, g in grad_panels
+            ],
+        )
     for metric, (rows, columns, values) in tables.items():
-        fig, axes = plt.subplots(1, len(values), figsize=(1.2 + 1.3 * len(columns) * len(values), 0.9 + 0.4 * len(rows)),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(values), figsize=(1.2 + 1.3 * len(columns) * len(values), 0.9 + 0.4 * len(rows)), squeeze=False
+        )
         # The two models share one colour scale; Δ and gradient cosines get a signed scale centred on 0.
         absolute = np.array([g for name, g in values if name != "Δ"], dtype=float)
         finite = absolute[np.isfinite(absolute)]
@@ -736,8 +819,15 @@ def plot_reports(report: dict[str, Any], output_dir: Path) -> list[Path]:
             ax.set_title(name)
             for (i, j), value in np.ndenumerate(data):
                 if not np.isnan(value):
-                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                            bbox={"boxstyle": "round,pad=0.1", "facecolor": "white", "alpha": 0.6, "linewidth": 0})
+                    ax.text(
+                        j,
+                        i,
+                        f"{value:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        bbox={"boxstyle": "round,pad=0.1", "facecolor": "white", "alpha": 0.6, "linewidth": 0},
+                    )
             fig.colorbar(image, ax=ax, fraction=0.046)
         fig.suptitle(metric)
         fig.tight_layout()
@@ -755,8 +845,12 @@ def plot_reports(report: dict[str, Any], output_dir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args,) = parse_args((AnalysisArguments,), None, argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO,
-                        handlers=[logging.StreamHandler(sys.stdout)], force=True)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        level=logging.INFO,
+        handlers=[logging.StreamHandler(sys.stdout)],
+        force=True,
+    )
     start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     registry = lang_registry.load_registry()
@@ -771,7 +865,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": analyse_model(args.model_name_or_path, args.task_model, sets, dictionaries, args, device),
     }
     if args.compare_to is not None:
-        report["compare_to"] = analyse_model(args.compare_to, args.compare_task_model, sets, dictionaries, args, device)
+        report["compare_to"] = analyse_model(
+            args.compare_to, args.compare_task_model, sets, dictionaries, args, device
+        )
         if report["compare_to"]["layers"] != report["model"]["layers"]:
             raise ValueError("--compare_to resolves --layers to other indices; compare models of the same depth.")
         report["delta"] = {
@@ -784,8 +880,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["seconds"] = time.perf_counter() - start
     write_json_atomic(output_dir / REPORT_JSON, report)
     (output_dir / REPORT_MD).write_text(markdown_report(report), encoding="utf-8")
-    logger.info("Wrote %s, %s and %d PNG(s) to %s in %.1f s", REPORT_JSON, REPORT_MD, len(pngs), output_dir,
-                report["seconds"])
+    logger.info(
+        "Wrote %s, %s and %d PNG(s) to %s in %.1f s", REPORT_JSON, REPORT_MD, len(pngs), output_dir, report["seconds"]
+    )
     return report
 
 

@@ -55,9 +55,17 @@ OOD_SOURCE = "americasnli"
 MAIN_SECTIONS = ("Baseline", "Featural Diversity", "Phylogenetic Diversity", "Script Diversity", "Random Selection")
 # Table 6's row names in the order of Tables 8/10, and the names those tables print where they differ.
 MAIN_ROWS = (
-    "All 65 languages", "Present in XTREME-R", "Present in Africa", "Fine-tuning only", "Most diverse from English",
-    "Least diverse from English", "Most diverse families", "Most diverse families within Indo-European",
-    "Most diverse using distinct scripts", "Most diverse using Latin scripts", "Least diverse using Latin scripts",
+    "All 65 languages",
+    "Present in XTREME-R",
+    "Present in Africa",
+    "Fine-tuning only",
+    "Most diverse from English",
+    "Least diverse from English",
+    "Most diverse families",
+    "Most diverse families within Indo-European",
+    "Most diverse using distinct scripts",
+    "Most diverse using Latin scripts",
+    "Least diverse using Latin scripts",
     "Random Seeded",
 )
 ROW_LABELS = {
@@ -74,8 +82,14 @@ ABLATION_GROUPS = {
     "Random": "Random Seeded",
 }
 ABLATION_POOLS = (
-    "Joshi Class = 2", "Joshi Class = 3", "Joshi Class = 3,4,5", "Joshi Class = 4,5", "Seen by mBERT",
-    "Seen by XLM-R", "Unseen by mBERT", "Unseen by XLM-R",
+    "Joshi Class = 2",
+    "Joshi Class = 3",
+    "Joshi Class = 3,4,5",
+    "Joshi Class = 4,5",
+    "Seen by mBERT",
+    "Seen by XLM-R",
+    "Unseen by mBERT",
+    "Unseen by XLM-R",
 )
 # Table 1 rows: label → subset name ({family} = xlmr or mbert: the pre-training of the model in question).
 TABLE_1_ROWS = (
@@ -158,8 +172,16 @@ def deduplicate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     latest: dict[tuple, dict[str, Any]] = {}
     for row in rows:
-        key = (row["model"], row["subset"], row["seed"], row["task"], row["run_dir"], row["source"], row["language"],
-               row["metric"])
+        key = (
+            row["model"],
+            row["subset"],
+            row["seed"],
+            row["task"],
+            row["run_dir"],
+            row["source"],
+            row["language"],
+            row["metric"],
+        )
         previous = latest.get(key)
         if previous is None or (row["timestamp"], row["_order"]) >= (previous["timestamp"], previous["_order"]):
             latest[key] = row
@@ -177,8 +199,12 @@ def deduplicate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             dropped[cell].add(row["run_dir"])
     for cell, run_dirs in dropped.items():
-        logger.warning("%s was run more than once: keeping %s, ignoring %s.", cell, newest_run[cell][2],
-                       ", ".join(sorted(run_dirs)))
+        logger.warning(
+            "%s was run more than once: keeping %s, ignoring %s.",
+            cell,
+            newest_run[cell][2],
+            ", ".join(sorted(run_dirs)),
+        )
     if len(rows) != len(kept):
         logger.info("Kept %d of %d rows after removing duplicates.", len(kept), len(rows))
     return sorted(kept, key=lambda r: r["_order"])
@@ -259,10 +285,19 @@ def cell_scores(rows: list[dict[str, Any]], families: dict[str, str | None], reg
             if group is not None:
                 grouped[group].append(100 * row["value"])
         ood = [100 * r["value"] for r in entries if r["source"] == OOD_SOURCE]
-        cells.append(Cell(
-            model, subset, seed, task, mean([100 * r["value"] for r in entries]), len(entries), entries[0]["run_dir"],
-            {group: mean(values) for group, values in grouped.items()}, mean(ood) if ood else None,
-        ))
+        cells.append(
+            Cell(
+                model,
+                subset,
+                seed,
+                task,
+                mean([100 * r["value"] for r in entries]),
+                len(entries),
+                entries[0]["run_dir"],
+                {group: mean(values) for group, values in grouped.items()},
+                mean(ood) if ood else None,
+            )
+        )
     return sorted(cells, key=lambda c: (c.model, c.subset, c.task, c.seed))
 
 
@@ -346,8 +381,12 @@ def main_sort_key(info: SubsetInfo) -> tuple:
 def ablation_sort_key(info: SubsetInfo) -> tuple:
     pool, group = ablation_parts(info.row)
     groups = list(ABLATION_GROUPS.values())
-    return (groups.index(group) if group in groups else len(groups),
-            ABLATION_POOLS.index(pool) if pool in ABLATION_POOLS else len(ABLATION_POOLS), pool, info.name)
+    return (
+        groups.index(group) if group in groups else len(groups),
+        ABLATION_POOLS.index(pool) if pool in ABLATION_POOLS else len(ABLATION_POOLS),
+        pool,
+        info.name,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -411,8 +450,14 @@ def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 class Report:
     """Aggregates of every (model, subset, task) and the writers of each table and figure."""
 
-    def __init__(self, cells: list[Cell], infos: dict[str, SubsetInfo], paper: dict[str, Any],
-                 families: dict[str, str | None], ddof: int) -> None:
+    def __init__(
+        self,
+        cells: list[Cell],
+        infos: dict[str, SubsetInfo],
+        paper: dict[str, Any],
+        families: dict[str, str | None],
+        ddof: int,
+    ) -> None:
         self.cells = cells
         self.infos = infos
         self.paper = paper
@@ -510,14 +555,19 @@ class Report:
                 section, row_label = info.section, None
                 md_rows.append([f"**{section}**"] + [""] * (len(header) - 1))
             label = ROW_LABELS.get(info.row, info.row)
-            shown = f"*{label}*" if info.section != "Baseline" and label != row_label else (
-                label if info.section == "Baseline" else "")
+            shown = (
+                f"*{label}*"
+                if info.section != "Baseline" and label != row_label
+                else (label if info.section == "Baseline" else "")
+            )
             if info.section == "Other":
                 shown = info.name
             row_label = label
             md_cells, values = self.task_columns(model, info.name)
             avg = self.average(model, info.name)
-            md_rows.append([shown, str(info.n if info.n is not None else ""), *md_cells, fmt(avg), self.seeds(model, info.name)])
+            md_rows.append(
+                [shown, str(info.n if info.n is not None else ""), *md_cells, fmt(avg), self.seeds(model, info.name)]
+            )
             csv_rows.append([info.section, label, info.name, info.n, *values, avg, self.seeds(model, info.name)])
         slug = model_slug(model)
         write_csv(out / f"table_main_{slug}.csv", csv_header, csv_rows)
@@ -553,8 +603,10 @@ class Report:
         return text
 
     def table_note(self, model: str, kind: str) -> str:
-        note = ("Mean ± std over seeds of each run's macro average (English excluded; POS and NLI accuracy, NER F1, "
-                "in %). Avg. = mean of the three task means.")
+        note = (
+            "Mean ± std over seeds of each run's macro average (English excluded; POS and NLI accuracy, NER F1, "
+            "in %). Avg. = mean of the three task means."
+        )
         key = paper_model(model, self.paper)
         if key is not None:
             number = self.paper["models"][key].get(f"{kind}_table")
@@ -563,23 +615,48 @@ class Report:
                 note += " (Tables 8 and 10 have swapped captions: Table 8 holds mBERT's numbers, Table 10 XLM-R's)"
             note += "."
         if kind == "ablation":
-            note += (" Random Seeded rows realign on languages drawn with the run seed from the pool; #Languages is "
-                     "the number realigned, Pool the pool's size (the number Tables 9/11 print).")
+            note += (
+                " Random Seeded rows realign on languages drawn with the run seed from the pool; #Languages is "
+                "the number realigned, Pool the pool's size (the number Tables 9/11 print)."
+            )
         return note
 
     # -- Table 1 -------------------------------------------------------------------------------------------------------
 
     def write_table_1(self, out: Path) -> str:
-        header = ["Language Pool", "POS", "NLI", "NER", "Avg.", "POS (paper)", "NLI (paper)", "NER (paper)",
-                  "Avg. (paper)"]
-        csv_header = ["model", "pool", "subset", "pos", "nli", "ner", "avg", "paper_pos", "paper_nli", "paper_ner",
-                      "paper_avg"]
+        header = [
+            "Language Pool",
+            "POS",
+            "NLI",
+            "NER",
+            "Avg.",
+            "POS (paper)",
+            "NLI (paper)",
+            "NER (paper)",
+            "Avg. (paper)",
+        ]
+        csv_header = [
+            "model",
+            "pool",
+            "subset",
+            "pos",
+            "nli",
+            "ner",
+            "avg",
+            "paper_pos",
+            "paper_nli",
+            "paper_ner",
+            "paper_avg",
+        ]
         md_rows, csv_rows = [], []
         for model in self.models:
             family = self.families.get(model)
             key = paper_model(model, self.paper)
-            subsets = [(label, template.format(family=family)) for label, template in TABLE_1_ROWS
-                       if family is not None or "{family}" not in template]
+            subsets = [
+                (label, template.format(family=family))
+                for label, template in TABLE_1_ROWS
+                if family is not None or "{family}" not in template
+            ]
             if not any((model, subset, task) in self.by_key for _, subset in subsets for task in TASKS):
                 continue  # none of Table 1's pools or baselines was run for this model
             md_rows.append([f"**{model_label(model, self.paper)}**"] + [""] * (len(header) - 1))
@@ -592,8 +669,10 @@ class Report:
                 md_rows.append([label, *(fmt(v, digits=1) for v in [*values, avg]), *(fmt(v, digits=1) for v in refs)])
                 csv_rows.append([model, label, subset, *values, avg, *refs])
         write_csv(out / "table_1_summary.csv", csv_header, csv_rows)
-        text = ("## Table 1 layout: 10 languages drawn at random from each pool\n\nMeans over seeds, in %. Pools "
-                "come from the ablation rows (subsets `<pool>_random_10`); rows without runs show —.\n\n")
+        text = (
+            "## Table 1 layout: 10 languages drawn at random from each pool\n\nMeans over seeds, in %. Pools "
+            "come from the ablation rows (subsets `<pool>_random_10`); rows without runs show —.\n\n"
+        )
         text += markdown_table(header, md_rows) if md_rows else "No run of Table 1's pools or baselines yet.\n"
         (out / "table_1_summary.md").write_text(text, encoding="utf-8")
         return text
@@ -605,14 +684,18 @@ class Report:
 
     def write_resource_levels(self, out: Path) -> str:
         csv_rows, text = [], "## Resource levels (Figure 3)\n\n"
-        text += ("HRL = Joshi class 5, MRL = 3–4, LRL = 0–2, split by whether the model's pre-training saw the "
-                 "language (registry flags seen_xlmr / seen_mbert). Each cell: mean over the tasks of the seed mean "
-                 "of the run's average over the group's zero-shot entries, in %.\n\n")
+        text += (
+            "HRL = Joshi class 5, MRL = 3–4, LRL = 0–2, split by whether the model's pre-training saw the "
+            "language (registry flags seen_xlmr / seen_mbert). Each cell: mean over the tasks of the seed mean "
+            "of the run's average over the group's zero-shot entries, in %.\n\n"
+        )
         for model in self.models:
             columns = self.resource_columns(model)
             if not self.families.get(model):
-                text += (f"{model_label(model, self.paper)}: pre-training coverage unknown (pass --pretraining "
-                         f"{model}=xlmr|mbert to split LRLs).\n\n")
+                text += (
+                    f"{model_label(model, self.paper)}: pre-training coverage unknown (pass --pretraining "
+                    f"{model}=xlmr|mbert to split LRLs).\n\n"
+                )
             md_rows = []
             for info in self.ordered_subsets(model):
                 row = [info.name]
@@ -629,14 +712,18 @@ class Report:
         return text
 
     def plot_resource_levels(self, out: Path, plt) -> None:
-        fig, axes = plt.subplots(1, len(self.models), figsize=(4.5 * len(self.models), 0.45 * self.max_rows() + 2),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(self.models), figsize=(4.5 * len(self.models), 0.45 * self.max_rows() + 2), squeeze=False
+        )
         for ax, model in zip(axes[0], self.models):
             columns = self.resource_columns(model)
             infos = self.ordered_subsets(model)
             grid = [[self.group_value(model, i.name, g)[0] for g in columns] for i in infos]
-            image = ax.imshow([[v if not math.isnan(v) else float("nan") for v in row] for row in grid],
-                              cmap="viridis", aspect="auto")
+            image = ax.imshow(
+                [[v if not math.isnan(v) else float("nan") for v in row] for row in grid],
+                cmap="viridis",
+                aspect="auto",
+            )
             ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
             ax.set_yticks(range(len(infos)), [i.name for i in infos])
             finite = [v for row in grid for v in row if not math.isnan(v)]
@@ -644,8 +731,15 @@ class Report:
             for r, row in enumerate(grid):
                 for c, value in enumerate(row):
                     if not math.isnan(value):
-                        ax.text(c, r, f"{value:.1f}", ha="center", va="center", fontsize=8,
-                                color="black" if value > middle else "white")
+                        ax.text(
+                            c,
+                            r,
+                            f"{value:.1f}",
+                            ha="center",
+                            va="center",
+                            fontsize=8,
+                            color="black" if value > middle else "white",
+                        )
             ax.set_title(model_label(model, self.paper))
             fig.colorbar(image, ax=ax, fraction=0.046)
         fig.suptitle("Average over tasks by resource level (%)")
@@ -668,20 +762,28 @@ class Report:
                 csv_rows.append([model, info.name, agg.mean, agg.std, agg.seeds])
                 md_rows.append([model_label(model, self.paper), info.name, fmt(agg.mean, agg.std), str(agg.seeds)])
         write_csv(out / "americasnli.csv", ["model", "subset", "mean", "std", "seeds"], csv_rows)
-        text = ("## AmericasNLI, out of distribution (Figure 4)\n\nAccuracy averaged over AmericasNLI's languages, "
-                "mean ± std over seeds, in %.\n\n" + markdown_table(["Model", "Subset", "Accuracy", "Seeds"], md_rows))
+        text = (
+            "## AmericasNLI, out of distribution (Figure 4)\n\nAccuracy averaged over AmericasNLI's languages, "
+            "mean ± std over seeds, in %.\n\n" + markdown_table(["Model", "Subset", "Accuracy", "Seeds"], md_rows)
+        )
         (out / "americasnli.md").write_text(text, encoding="utf-8")
         return text
 
     def plot_americasnli(self, out: Path, plt) -> None:
-        fig, axes = plt.subplots(1, len(self.models), figsize=(max(5.0, 0.4 * self.max_rows() + 2) * len(self.models),
-                                                               4.5), squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(self.models), figsize=(max(5.0, 0.4 * self.max_rows() + 2) * len(self.models), 4.5), squeeze=False
+        )
         for ax, model in zip(axes[0], self.models):
             bars = [(i.name, self.ood(model, i.name)) for i in self.ordered_subsets(model)]
             bars = [(name, agg) for name, agg in bars if agg is not None]
             colors = ["tab:gray" if name == BASELINE else "tab:blue" for name, _ in bars]
-            ax.bar(range(len(bars)), [a.mean for _, a in bars], yerr=[0 if math.isnan(a.std) else a.std for _, a in bars],
-                   color=colors, capsize=3)
+            ax.bar(
+                range(len(bars)),
+                [a.mean for _, a in bars],
+                yerr=[0 if math.isnan(a.std) else a.std for _, a in bars],
+                color=colors,
+                capsize=3,
+            )
             ax.set_xticks(range(len(bars)), [name for name, _ in bars], rotation=60, ha="right")
             ax.set_ylabel("AmericasNLI accuracy (%)")
             ax.set_title(model_label(model, self.paper))
@@ -708,7 +810,9 @@ class Report:
             for label, points in self.scaling_series(model).items():
                 rows += [[model, label, n, value] for n, value in points]
             for name in (BASELINE, "all_65"):
-                rows.append([model, self.infos[name].row if name in self.infos else name, "", self.average(model, name)])
+                rows.append(
+                    [model, self.infos[name].row if name in self.infos else name, "", self.average(model, name)]
+                )
         write_csv(out / "scaling.csv", ["model", "strategy", "n", "avg"], rows)
 
     def plot_scaling(self, out: Path, plt) -> None:
@@ -719,8 +823,12 @@ class Report:
             for name, style in ((BASELINE, ":"), ("all_65", "--")):
                 value = self.average(model, name)
                 if not math.isnan(value):
-                    ax.axhline(value, linestyle=style, color="black",
-                               label="Fine-tuning only" if name == BASELINE else "All 65 languages")
+                    ax.axhline(
+                        value,
+                        linestyle=style,
+                        color="black",
+                        label="Fine-tuning only" if name == BASELINE else "All 65 languages",
+                    )
             ax.set_xlabel("languages used for realignment (n)")
             ax.set_ylabel("average over POS, NER, NLI (%)")
             ax.set_title(model_label(model, self.paper))
@@ -731,13 +839,22 @@ class Report:
 
 
 def write_cells(cells: list[Cell], out: Path) -> None:
-    write_csv(out / "cells.csv", ["model", "subset", "seed", "task", "metric", "score", "entries", "run_dir"],
-              [[c.model, c.subset, c.seed, c.task, TASK_METRICS[c.task], c.score, c.entries, c.run_dir] for c in cells])
+    write_csv(
+        out / "cells.csv",
+        ["model", "subset", "seed", "task", "metric", "score", "entries", "run_dir"],
+        [[c.model, c.subset, c.seed, c.task, TASK_METRICS[c.task], c.score, c.entries, c.run_dir] for c in cells],
+    )
 
 
-def build_report(paths: list[str], out: Path, *, subsets_dirs: list[Path] | None = None,
-                 pretraining: dict[str, str] | None = None, paper_path: Path | None = PAPER_RESULTS,
-                 ddof: int = 1) -> Path:
+def build_report(
+    paths: list[str],
+    out: Path,
+    *,
+    subsets_dirs: list[Path] | None = None,
+    pretraining: dict[str, str] | None = None,
+    paper_path: Path | None = PAPER_RESULTS,
+    ddof: int = 1,
+) -> Path:
     """Read the results under `paths` and write every table and figure to `out`; returns the report's path."""
     import matplotlib
 
@@ -746,7 +863,9 @@ def build_report(paths: list[str], out: Path, *, subsets_dirs: list[Path] | None
 
     rows = deduplicate(read_results(paths))
     if not rows:
-        raise ValueError(f"No results rows found in {', '.join(paths)} (CSV files with the columns {RESULTS_COLUMNS}).")
+        raise ValueError(
+            f"No results rows found in {', '.join(paths)} (CSV files with the columns {RESULTS_COLUMNS})."
+        )
     registry = lang_registry.load_registry()
     models = list(dict.fromkeys(r["model"] for r in rows))
     families = {m: pretraining_family(m, pretraining or {}) for m in models}
@@ -790,11 +909,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="Results CSV files, or folders searched recursively for them.")
     parser.add_argument("--out", default="report", help="The folder to write the tables and figures to.")
-    parser.add_argument("--subsets_dir", action="append", default=[],
-                        help="Another folder of subset YAMLs (looked up before subsets/) to place custom subsets.")
-    parser.add_argument("--pretraining", action="append", default=[],
-                        help="MODEL=xlmr|mbert: whose pre-training languages split the LRLs of MODEL (default: from "
-                        "the name: xlm-roberta → xlmr, bert-base-multilingual → mbert).")
+    parser.add_argument(
+        "--subsets_dir",
+        action="append",
+        default=[],
+        help="Another folder of subset YAMLs (looked up before subsets/) to place custom subsets.",
+    )
+    parser.add_argument(
+        "--pretraining",
+        action="append",
+        default=[],
+        help="MODEL=xlmr|mbert: whose pre-training languages split the LRLs of MODEL (default: from "
+        "the name: xlm-roberta → xlmr, bert-base-multilingual → mbert).",
+    )
     parser.add_argument("--paper", default=str(PAPER_RESULTS), help="The paper's numbers, shown beside ours.")
     parser.add_argument("--no_paper", action="store_true", help="Leave out the paper's numbers.")
     parser.add_argument("--ddof", type=int, default=1, help="Delta degrees of freedom of the std over seeds.")
@@ -802,8 +929,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s - %(message)s", level=logging.INFO)
     try:
         path = build_report(
-            args.paths, Path(args.out), subsets_dirs=[Path(d) for d in args.subsets_dir],
-            pretraining=parse_pretraining(args.pretraining), paper_path=None if args.no_paper else Path(args.paper),
+            args.paths,
+            Path(args.out),
+            subsets_dirs=[Path(d) for d in args.subsets_dir],
+            pretraining=parse_pretraining(args.pretraining),
+            paper_path=None if args.no_paper else Path(args.paper),
             ddof=args.ddof,
         )
     except (ValueError, FileNotFoundError) as err:

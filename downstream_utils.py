@@ -32,8 +32,19 @@ REALIGN_CONFIG_FILE = "realign_config.json"
 # Local file formats every downstream source accepts; scripts add their own raw formats (CoNLL-U, "token TAG" text).
 LOCAL_TABLE_EXTENSIONS = (".parquet", ".jsonl", ".json")
 FINETUNE_TRAINING_KEYS = (
-    "seed", "max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "world_size",
-    "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "bf16", "fp16",
+    "seed",
+    "max_steps",
+    "num_train_epochs",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "world_size",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+    "bf16",
+    "fp16",
 )
 
 
@@ -82,10 +93,14 @@ def resolve_eval_languages(
     skipped = [code for code in codes if not any(code in configs for configs in available.values())]
     if skipped:
         logger.warning(
-            "No evaluation data in %s for %d language(s), skipped: %s", ", ".join(available), len(skipped),
+            "No evaluation data in %s for %d language(s), skipped: %s",
+            ", ".join(available),
+            len(skipped),
             ", ".join(skipped),
         )
-    return [EvalTarget(s, code, configs[code]) for s, configs in available.items() for code in codes if code in configs]
+    return [
+        EvalTarget(s, code, configs[code]) for s, configs in available.items() for code in codes if code in configs
+    ]
 
 
 def parse_revisions(spec: str | None, sources: Iterable[str]) -> dict[str, str]:
@@ -153,7 +168,9 @@ def log_skipped_local_splits(skipped: list[tuple[EvalTarget, MissingLocalSplit]]
     """One warning listing every (source, language) that `--data_dir` has no file for, and the file looked for."""
     if skipped:
         logger.warning(
-            "--data_dir %s has no file for %d (source, language) pair(s), skipped: %s", data_dir, len(skipped),
+            "--data_dir %s has no file for %d (source, language) pair(s), skipped: %s",
+            data_dir,
+            len(skipped),
             "; ".join(f"{t.source}/{t.language} ({err.expected})" for t, err in skipped),
         )
 
@@ -187,7 +204,9 @@ def read_local_table(path: Path, cache_dir: str | None = None):
             return datasets.Dataset.from_json(str(path), cache_dir=cache_dir)
     except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as err:
         cause = err.__cause__ or err
-        raise ValueError(f"{path}: cannot be read as {path.suffix or 'parquet'} ({type(cause).__name__}: {cause}).") from err
+        raise ValueError(
+            f"{path}: cannot be read as {path.suffix or 'parquet'} ({type(cause).__name__}: {cause})."
+        ) from err
     if path.suffix == ".tsv":
         return _read_tsv(path)
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}.")
@@ -246,7 +265,10 @@ def load_hub_split(
     patterns = [f"{config}/{split}/*.parquet", f"{config}/*-{split}.parquet", f"{config}/*-{split}-*.parquet"]
     folder = Path(
         snapshot_download(
-            hub_id, repo_type="dataset", revision=revision or "refs/convert/parquet", allow_patterns=patterns,
+            hub_id,
+            repo_type="dataset",
+            revision=revision or "refs/convert/parquet",
+            allow_patterns=patterns,
             cache_dir=cache_dir,
         )
     )
@@ -263,9 +285,7 @@ def require_columns(dataset, columns: Iterable[str], origin: str, hint: str = ""
     """Fail with the file (or Hub id) and the expected columns when `dataset` lacks one of `columns`."""
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
-        raise ValueError(
-            f"{origin}: missing column(s) {missing}; found {dataset.column_names}. {hint}".rstrip()
-        )
+        raise ValueError(f"{origin}: missing column(s) {missing}; found {dataset.column_names}. {hint}".rstrip())
 
 
 def require_equal_lengths(dataset, columns: tuple[str, str], origin: str) -> None:
@@ -327,8 +347,12 @@ def labels_to_training_ids(
         if declared_names is None:
             raise ValueError(f"{origin}: {column} holds integers and the source documents no label names for them.")
         names = list(declared_names)
-        logger.info("%s: %s holds integers without label names; reading them in the documented order %s.",
-                    origin, column, names)
+        logger.info(
+            "%s: %s holds integers without label names; reading them in the documented order %s.",
+            origin,
+            column,
+            names,
+        )
     if names is not None:
         out_of_range = sorted(v for v in distinct if v is None or not 0 <= v < len(names))
         if out_of_range:
@@ -376,8 +400,12 @@ def log_renamed_labels(values, is_list: bool, source_names: dict, renames: dict[
         name = source_names.get(item["values"])
         if name in counts:
             counts[name] += item["counts"]
-    logger.info("%s: %d label(s) mapped: %s", origin, sum(counts.values()),
-                ", ".join(f"{name} -> {renames[name]}: {n}" for name, n in counts.items()))
+    logger.info(
+        "%s: %d label(s) mapped: %s",
+        origin,
+        sum(counts.values()),
+        ", ".join(f"{name} -> {renames[name]}: {n}" for name, n in counts.items()),
+    )
 
 
 def check_checkpoint_labels(config, label_list: list[str], model_name_or_path: str) -> None:
@@ -429,7 +457,9 @@ def evaluate_languages(
     the averages of `language_averages`) and one entry per set: source, language, samples and the metric values.
     """
     metric_names = list(metric_names)
-    progress = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, transformers.ProgressCallback)), None)
+    progress = next(
+        (cb for cb in trainer.callback_handler.callbacks if isinstance(cb, transformers.ProgressCallback)), None
+    )
     label = _PredictionBarLabel(progress)
     if progress is not None:
         trainer.add_callback(label)
@@ -439,14 +469,23 @@ def evaluate_languages(
         for index, eval_set in enumerate(eval_sets, start=1):
             key = f"{prefix}_{eval_set.source}_{eval_set.language}"
             dataset = sort_by_length(eval_set.dataset)
-            logger.info("[%d/%d] %s %s: %d examples (%s)", index, len(eval_sets), eval_set.source, eval_set.language,
-                        len(dataset), eval_set.origin)
+            logger.info(
+                "[%d/%d] %s %s: %d examples (%s)",
+                index,
+                len(eval_sets),
+                eval_set.source,
+                eval_set.language,
+                len(dataset),
+                eval_set.origin,
+            )
             label.label = f"{eval_set.source}/{eval_set.language}"
             output = trainer.predict(dataset, metric_key_prefix=key)
             values = {name: float(output.metrics[f"{key}_{name}"]) for name in metric_names}
             metrics.update({f"{key}_{name}": value for name, value in values.items()})
             metrics[f"{key}_samples"] = len(dataset)
-            entries.append({"source": eval_set.source, "language": eval_set.language, "samples": len(dataset), **values})
+            entries.append(
+                {"source": eval_set.source, "language": eval_set.language, "samples": len(dataset), **values}
+            )
     finally:
         if progress is not None:
             trainer.remove_callback(label)
@@ -454,7 +493,9 @@ def evaluate_languages(
     return metrics, entries
 
 
-def language_averages(entries: list[dict[str, Any]], metric_names: Iterable[str], prefix: str = "eval") -> dict[str, float]:
+def language_averages(
+    entries: list[dict[str, Any]], metric_names: Iterable[str], prefix: str = "eval"
+) -> dict[str, float]:
     """Unweighted macro averages over the zero-shot (non-English) entries: overall and per source.
 
     `{prefix}_avg_{metric}` averages every evaluated (source, language) entry except English, the training language;
@@ -500,8 +541,14 @@ def append_downstream_results(
     provenance = model_provenance(model_name_or_path)
     rows = [
         {
-            **provenance, "seed": seed, "task": task, "source": entry["source"], "language": entry["language"],
-            "metric": name, "value": entry[name], "run_dir": run_dir,
+            **provenance,
+            "seed": seed,
+            "task": task,
+            "source": entry["source"],
+            "language": entry["language"],
+            "metric": name,
+            "value": entry[name],
+            "run_dir": run_dir,
         }
         for entry in entries
         for name in metric_names
@@ -512,8 +559,14 @@ def append_downstream_results(
 
 
 def write_downstream_model_card(
-    trainer, *, finetuned_from: str, task_tag: str, dataset_ids: list[str], languages: list[str],
-    tags: list[str], metrics: dict[str, float],
+    trainer,
+    *,
+    finetuned_from: str,
+    task_tag: str,
+    dataset_ids: list[str],
+    languages: list[str],
+    tags: list[str],
+    metrics: dict[str, float],
 ) -> None:
     """Write the model card the way transformers' examples do, listing the languages evaluated and the zero-shot
     averages, and with `--push_to_hub` upload it with the model (`push_model_folder`)."""
@@ -534,7 +587,13 @@ def write_downstream_model_card(
     trainer.create_model_card(**kwargs)
     averages = {k: v for k, v in metrics.items() if k.startswith("eval_avg_")}
     if averages:
-        lines = ["", "## Zero-shot evaluation", "", "Unweighted averages over the evaluated (source, language) entries:", ""]
+        lines = [
+            "",
+            "## Zero-shot evaluation",
+            "",
+            "Unweighted averages over the evaluated (source, language) entries:",
+            "",
+        ]
         lines += [f"- `{key}`: {value:.4f}" for key, value in sorted(averages.items())]
         with open(Path(trainer.args.output_dir) / "README.md", "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")

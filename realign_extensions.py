@@ -155,7 +155,9 @@ def parse_loss_weights(spec: str) -> dict[str, float]:
         try:
             weight = float(value)
         except ValueError:
-            raise ValueError(f"--loss_weights: the weight of {name} must be a number, got {value.strip()!r}.") from None
+            raise ValueError(
+                f"--loss_weights: the weight of {name} must be a number, got {value.strip()!r}."
+            ) from None
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"--loss_weights: the weight of {name} must be a non-negative number, got {weight}.")
         weights[name] = weight
@@ -234,7 +236,9 @@ class RealignExtensions:
 
     def cache_key(self, alignment_digest: str | None) -> list[str]:
         """What the extra columns depend on, for the tokenised-data cache key (empty on the paper's path)."""
-        return (["word", str(alignment_digest)] if self.word_alignment else []) + (["pairs"] if self.pair_inputs else [])
+        return (["word", str(alignment_digest)] if self.word_alignment else []) + (
+            ["pairs"] if self.pair_inputs else []
+        )
 
     def check_columns(self, column_names: list[str]) -> None:
         if self.word_alignment and "word_links" not in column_names:
@@ -332,7 +336,10 @@ class RealignExtensions:
         """
         terms: dict[str, tuple[float, LossTerm]] = {}
         if self.word_alignment and self.weights["align"]:
-            terms["align"] = (self.weights["align"], lambda model, inputs: self.word_alignment_loss(model, inputs, unwrap))
+            terms["align"] = (
+                self.weights["align"],
+                lambda model, inputs: self.word_alignment_loss(model, inputs, unwrap),
+            )
         if self.weights["bow"] or self.weights["mlm"]:
             vocab_size = len(tokenizer)
             special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
@@ -351,8 +358,14 @@ class RealignExtensions:
             def mlm(model, inputs):
                 ids = inputs["input_ids"]
                 loss = masked_lm_loss(
-                    model, unwrap(model).realign_mlm_head, ids, inputs["attention_mask"], special_ids_on(ids.device),
-                    mask_id, vocab_size, self.args.mlm_probability,
+                    model,
+                    unwrap(model).realign_mlm_head,
+                    ids,
+                    inputs["attention_mask"],
+                    special_ids_on(ids.device),
+                    mask_id,
+                    vocab_size,
+                    self.args.mlm_probability,
                 )
                 return loss, {}
 
@@ -392,7 +405,11 @@ class RealignExtensions:
         embeddings = unwrap(model).get_input_embeddings().weight  # (V, d)
         pair_ids = inputs["pair_input_ids"].masked_fill(inputs["pair_attention_mask"] == 0, -1)  # padding: no bag item
         return bag_of_words_loss(
-            hidden[:, 0], pair_ids, embeddings, candidate_ids.to(hidden.device), self.args.bow_negatives,
+            hidden[:, 0],
+            pair_ids,
+            embeddings,
+            candidate_ids.to(hidden.device),
+            self.args.bow_negatives,
             self.temperature,
         )
 
@@ -419,7 +436,9 @@ def load_mlm_head(encoder: nn.Module, load_kwargs: dict[str, Any]) -> nn.Module:
         logger.warning(
             "%s has no MLM head weights (%d missing, e.g. %s): the 'mlm' loss starts from a freshly initialised head. "
             "Realigned checkpoints keep no MLM head; start from the pre-trained model to keep its head.",
-            load_kwargs.get("pretrained_model_name_or_path"), len(missing), missing[0],
+            load_kwargs.get("pretrained_model_name_or_path"),
+            len(missing),
+            missing[0],
         )
     output = mlm_model.get_output_embeddings()
     if output is not None and output.weight is mlm_model.get_input_embeddings().weight:
@@ -434,4 +453,3 @@ def load_mlm_head(encoder: nn.Module, load_kwargs: dict[str, Any]) -> nn.Module:
                 if output.bias is not None and parameter is output.bias:
                     delattr(parent, parameter_name)
     return head
-

@@ -297,7 +297,9 @@ def masked_lm_loss(
     return F.cross_entropy(logits.float(), input_ids[selected])
 
 
-def layer_hidden_states(model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
+def layer_hidden_states(
+    model, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra
+) -> torch.Tensor:
     """The hidden states (B, L, d) of `hidden_states[layer]` (0 = embeddings, -1 = last layer)."""
     base = getattr(model, "module", model)  # a DeepSpeed engine's .config is its own dict, not the model's
     last = layer in (-1, base.config.num_hidden_layers) if hasattr(base, "config") else layer == -1

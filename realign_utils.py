@@ -469,7 +469,9 @@ def pad_sequences(
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
-def content_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: torch.Tensor) -> torch.Tensor:
+def content_token_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, special_ids: torch.Tensor
+) -> torch.Tensor:
     """Positions that are real text: attended to and not one of `special_ids` (see `pooling_special_ids`)."""
     return attention_mask.bool() & ~torch.isin(input_ids, special_ids)
 
@@ -503,7 +505,9 @@ def center(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def retrieval_recall_at_k(queries: torch.Tensor, candidates: torch.Tensor, ks: Iterable[int] = (1, 5, 10)) -> dict[int, float]:
+def retrieval_recall_at_k(
+    queries: torch.Tensor, candidates: torch.Tensor, ks: Iterable[int] = (1, 5, 10)
+) -> dict[int, float]:
     """Share of queries whose translation (row i ↔ row i) is among their k nearest candidates (cosine), for each k.
 
     A candidate ties with the translation only when it is exactly as similar; ties do not push the translation down.
@@ -545,8 +549,9 @@ def encode_layers(
     model.eval()
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch = tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt").to(device)
+        batch = tokenizer(
+            [texts[i] for i in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        ).to(device)
         hidden_states = model(**batch, output_hidden_states=True).hidden_states  # (layers + 1) × (B, L, d)
         mask = content_token_mask(batch["input_ids"], batch["attention_mask"], special_ids)
         for layer in layers:
@@ -615,8 +620,10 @@ def read_local_parallel(files: list[Path]) -> dict[str, list[str]]:
     else:
         parts = [_READERS[path.suffix](path) for path in files]
         if len({ID_KEY in part for part in parts}) > 1:
-            raise ValueError(f"{files[0].parent}: some of {', '.join(p.name for p in files)} have an id column and "
-                             "some do not; give it in all or none.")
+            raise ValueError(
+                f"{files[0].parent}: some of {', '.join(p.name for p in files)} have an id column and "
+                "some do not; give it in all or none."
+            )
         columns = {key: [value for part in parts for value in part[key]] for key in parts[0]}
     if not columns["src"]:
         raise ValueError(f"{files[0]} holds no parallel pair: the file is empty.")
@@ -724,8 +731,10 @@ def _read_parquet_pairs(path: Path) -> dict[str, list[str]]:
         try:
             english, other, identifier = _pair_fields(record)
         except ValueError as err:
-            raise ValueError(f"{path}: row {row}: expected a 'translation' column holding an 'en' key and one other "
-                             f"language key, both strings ({err}).") from None
+            raise ValueError(
+                f"{path}: row {row}: expected a 'translation' column holding an 'en' key and one other "
+                f"language key, both strings ({err})."
+            ) from None
         columns["src"].append(english)
         columns["tgt"].append(other)
         columns[ID_KEY].append(identifier)
@@ -754,8 +763,12 @@ def _pair_fields(record: Any) -> tuple[str, str, str | None]:
     return english, other, None if identifier is None else str(identifier)
 
 
-_READERS = {".tsv": _read_tsv_pairs, ".jsonl": _read_jsonl_pairs, ".json": _read_jsonl_pairs,
-            ".parquet": _read_parquet_pairs}
+_READERS = {
+    ".tsv": _read_tsv_pairs,
+    ".jsonl": _read_jsonl_pairs,
+    ".json": _read_jsonl_pairs,
+    ".parquet": _read_parquet_pairs,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -801,7 +814,9 @@ def macro_average(metrics: dict[str, float], metric: str, prefix: str = "eval") 
     values = [
         float(v)
         for k, v in metrics.items()
-        if k.startswith(f"{prefix}_") and k.endswith(suffix) and k != f"{prefix}_avg{suffix}"
+        if k.startswith(f"{prefix}_")
+        and k.endswith(suffix)
+        and k != f"{prefix}_avg{suffix}"
         and _is_language_key(k, prefix, suffix)
     ]
     return sum(values) / len(values) if values else float("nan")

@@ -110,7 +110,9 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False,
-        metadata={"help": "Whether to run code from the model's Hub repository. Only enable it for repositories you trust."},
+        metadata={
+            "help": "Whether to run code from the model's Hub repository. Only enable it for repositories you trust."
+        },
     )
     freeze_word_embeddings: bool = field(
         default=False,
@@ -159,7 +161,8 @@ class DataArguments:
         },
     )
     max_seq_length: int = field(
-        default=96, metadata={"help": "The maximum number of tokens per sentence, special tokens included (paper: 96)."}
+        default=96,
+        metadata={"help": "The maximum number of tokens per sentence, special tokens included (paper: 96)."},
     )
     overlong: str = field(
         default="drop",
@@ -188,7 +191,9 @@ class DataArguments:
     )
     max_train_samples: int | None = field(
         default=None,
-        metadata={"help": "For debugging: keep at most this many training pairs in all, spread evenly over languages."},
+        metadata={
+            "help": "For debugging: keep at most this many training pairs in all, spread evenly over languages."
+        },
     )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "For debugging: keep at most this many held-out pairs per language."}
@@ -196,11 +201,15 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "The number of processes used to tokenise."}
     )
-    overwrite_cache: bool = field(default=False, metadata={"help": "Whether to tokenise again instead of reusing the cache."})
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Whether to tokenise again instead of reusing the cache."}
+    )
 
     def __post_init__(self):
         if self.subset is None and self.languages is None:
-            raise ValueError("Give the languages to realign with: --subset subsets/uriel_20.yaml or --languages yor,swa.")
+            raise ValueError(
+                "Give the languages to realign with: --subset subsets/uriel_20.yaml or --languages yor,swa."
+            )
         if self.subset is not None and self.languages is not None:
             raise ValueError("Give either --subset or --languages, not both.")
         if self.overlong not in ("drop", "truncate"):
@@ -234,7 +243,8 @@ class DataArguments:
 @dataclass
 class RealignArguments:
     temperature: float = field(
-        default=0.1, metadata={"help": "The softmax temperature T of the contrastive loss (scale = 1 / T; paper: 0.1)."}
+        default=0.1,
+        metadata={"help": "The softmax temperature T of the contrastive loss (scale = 1 / T; paper: 0.1)."},
     )
     reference_compat: bool = field(
         default=False,
@@ -268,7 +278,9 @@ class RealignArguments:
     )
     strip_sentencepiece_space: bool | None = field(
         default=None,
-        metadata={"help": "Whether to drop stand-alone '▁' tokens produced by SentencePiece tokenizers (reference code)."},
+        metadata={
+            "help": "Whether to drop stand-alone '▁' tokens produced by SentencePiece tokenizers (reference code)."
+        },
     )
     same_meaning: str | None = field(
         default=None,
@@ -370,8 +382,15 @@ def load_hub_parallel(language: lang_registry.Language, cache_dir: str | None) -
     first, second = source["config"].split("-")
     url = f"https://storage.googleapis.com/allennlp-data-bucket/nllb/{first}-{second}.gz"
     raw = datasets.load_dataset(
-        "csv", data_files=url, delimiter="\t", header=None, quoting=3, usecols=[0, 1], names=[first, second],
-        cache_dir=cache_dir, split="train",
+        "csv",
+        data_files=url,
+        delimiter="\t",
+        header=None,
+        quoting=3,
+        usecols=[0, 1],
+        names=[first, second],
+        cache_dir=cache_dir,
+        split="train",
     )
     english = first if first.startswith("eng_") else second
     other = second if english == first else first
@@ -452,7 +471,9 @@ def tokenize_pairs(
     with_ids = "id" in dataset.column_names
 
     def is_usable(batch):
-        return [bool(s.strip()) and bool(t.strip()) and s.strip() != t.strip() for s, t in zip(batch["src"], batch["tgt"])]
+        return [
+            bool(s.strip()) and bool(t.strip()) and s.strip() != t.strip() for s, t in zip(batch["src"], batch["tgt"])
+        ]
 
     def tokenize(batch):
         ids_column = batch["id"] if with_ids else [None] * len(batch["src"])
@@ -512,12 +533,20 @@ def tokenize_pairs(
         n_overlong = before - len(tokenized)
     tokenized = tokenized.remove_columns(["src_length", "tgt_length", "content_tokens"])
     counts = {
-        "raw": n_raw, "empty_or_identical": n_unusable, "no_text_tokens": n_no_text, "overlong": n_overlong,
+        "raw": n_raw,
+        "empty_or_identical": n_unusable,
+        "no_text_tokens": n_no_text,
+        "overlong": n_overlong,
         "kept": len(tokenized),
     }
     logger.info(
         "%s: %d pairs kept of %d (dropped %d empty or identical, %d without text tokens, %d %s)",
-        desc, counts["kept"], n_raw, n_unusable, n_no_text, n_overlong,
+        desc,
+        counts["kept"],
+        n_raw,
+        n_unusable,
+        n_no_text,
+        n_overlong,
         f"longer than {max_len} tokens" if data_args.overlong == "drop" else "over-long (truncated, not dropped)",
     )
     return tokenized, counts
@@ -527,7 +556,9 @@ def _standalone_space_id(tokenizer, quiet: bool = False) -> int | None:
     token_id = tokenizer.convert_tokens_to_ids("▁")
     if token_id is None or token_id == tokenizer.unk_token_id:
         if not quiet:
-            logger.warning("--strip_sentencepiece_space: the tokenizer has no stand-alone '▁' token; nothing to strip.")
+            logger.warning(
+                "--strip_sentencepiece_space: the tokenizer has no stand-alone '▁' token; nothing to strip."
+            )
         return None
     return token_id
 
@@ -536,7 +567,9 @@ def _standalone_space_id(tokenizer, quiet: bool = False) -> int | None:
 TOKENIZED_FORMAT = 2
 
 
-def _tokenized_cache_kwargs(files, language, tokenizer, data_args, realign_args, cache_dir, desc, extra_key=None) -> dict:
+def _tokenized_cache_kwargs(
+    files, language, tokenizer, data_args, realign_args, cache_dir, desc, extra_key=None
+) -> dict:
     """Cache files for in-memory datasets built from local files, keyed by the files' content and the settings.
 
     Datasets loaded from the Hub are already file-backed and cached by `datasets` itself. `extra_key` lists what the
@@ -549,9 +582,17 @@ def _tokenized_cache_kwargs(files, language, tokenizer, data_args, realign_args,
         digest.update(Path(path).read_bytes())
     key = json.dumps(
         [
-            language, desc, tokenizer.name_or_path, len(tokenizer), data_args.max_seq_length, data_args.overlong,
-            realign_args.strip_sentencepiece_space, data_args.validation_pairs_per_language, transformers.__version__,
-            TOKENIZED_FORMAT, *(extra_key or []),
+            language,
+            desc,
+            tokenizer.name_or_path,
+            len(tokenizer),
+            data_args.max_seq_length,
+            data_args.overlong,
+            realign_args.strip_sentencepiece_space,
+            data_args.validation_pairs_per_language,
+            transformers.__version__,
+            TOKENIZED_FORMAT,
+            *(extra_key or []),
         ]
     )
     digest.update(key.encode())
@@ -590,8 +631,16 @@ def build_datasets(
         # (--alignment word) Word links are extracted here, from the pairs that will be used.
         digest = extensions.prepare_language(raw, code, cache_dir, per_language_cap, seed) if extensions else None
         train_ds, counts = tokenize_pairs(
-            raw["train"], code, tokenizer, data_args, realign_args, cache_dir, f"{code} train", raw["train_files"],
-            extensions, digest,
+            raw["train"],
+            code,
+            tokenizer,
+            data_args,
+            realign_args,
+            cache_dir,
+            f"{code} train",
+            raw["train_files"],
+            extensions,
+            digest,
         )
         if len(train_ds) == 0:
             raise ValueError(
@@ -606,8 +655,16 @@ def build_datasets(
         train_parts.append(train_ds.add_column("lang_id", [lang_id] * len(train_ds)))
         if raw["eval"] is not None and with_eval:
             eval_ds, _ = tokenize_pairs(
-                raw["eval"], code, tokenizer, data_args, realign_args, cache_dir, f"{code} held-out", raw["eval_files"],
-                extensions, digest,
+                raw["eval"],
+                code,
+                tokenizer,
+                data_args,
+                realign_args,
+                cache_dir,
+                f"{code} held-out",
+                raw["eval_files"],
+                extensions,
+                digest,
             )
             if data_args.max_eval_samples is not None:
                 eval_ds = eval_ds.select(range(min(len(eval_ds), data_args.max_eval_samples)))
@@ -671,7 +728,9 @@ class LanguageMixingSampler(torch.utils.data.Sampler):
             stream[positions] = np.concatenate([rng.permutation(indices) for _ in range(repeats)])[: len(positions)]
         if self.lengths is not None:
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            stream = stream[get_length_grouped_indices(self.lengths[stream].tolist(), self.batch_size, generator=generator)]
+            stream = stream[
+                get_length_grouped_indices(self.lengths[stream].tolist(), self.batch_size, generator=generator)
+            ]
         return iter(stream.tolist())
 
 
@@ -836,7 +895,9 @@ class RealignTrainer(CachedLookups, Trainer):
 
     # -- representations --------------------------------------------------------------------------------------------
 
-    def pool(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_words: torch.Tensor) -> torch.Tensor:
+    def pool(
+        self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_words: torch.Tensor
+    ) -> torch.Tensor:
         """Sentence vectors (B, d) from the configured layer and pooling.
 
         With --length_buckets K the rows are sorted by length and encoded in K passes, each padded to its own longest
@@ -908,7 +969,11 @@ class RealignTrainer(CachedLookups, Trainer):
                 gathered["all_meaning_keys"] = torch.cat(all_keys)
         # You can change the loss here: any function of (src, tgt) → (scalar, stats) trains with the same Trainer.
         loss, stats = contrastive_alignment_loss(
-            src, tgt, self.realign_args.temperature, meaning_keys=keys, same_meaning=self.realign_args.same_meaning,
+            src,
+            tgt,
+            self.realign_args.temperature,
+            meaning_keys=keys,
+            same_meaning=self.realign_args.same_meaning,
             **gathered,
         )
         pairs = len(gathered["all_src_embeddings"]) if gathered else len(src)
@@ -953,7 +1018,8 @@ class RealignTrainer(CachedLookups, Trainer):
         if self.args.train_sampling_strategy == "group_by_length":
             grouped = {
                 "lengths": pair_lengths(dataset),
-                "batch_size": self.args.train_batch_size * self.args.gradient_accumulation_steps,  # as transformers does
+                "batch_size": self.args.train_batch_size
+                * self.args.gradient_accumulation_steps,  # as transformers does
             }
         return LanguageMixingSampler(lang_ids, self.sampling_probs, num_samples, self.args.seed, **grouped)
 
@@ -989,7 +1055,9 @@ class RealignTrainer(CachedLookups, Trainer):
             subset = subset.select(np.argsort(-pair_lengths(subset), kind="stable"))
             src, tgt = [], []
             for start in range(0, len(subset), self.args.per_device_eval_batch_size):
-                batch = self.data_collator(list(subset.select(range(start, min(len(subset), start + self.args.per_device_eval_batch_size)))))
+                batch = self.data_collator(
+                    list(subset.select(range(start, min(len(subset), start + self.args.per_device_eval_batch_size))))
+                )
                 batch = {k: v.to(self.args.device) for k, v in batch.items()}
                 pooled = self.pool(model, batch["input_ids"], batch["attention_mask"], batch["n_words"]).float()
                 s, t = pooled.chunk(2)
@@ -1102,8 +1170,19 @@ def run_settings(model_args, data_args, realign_args, extension_args, training_a
     """What determines the realigned checkpoint, as {model, data, loss, training}: a run in the same output_dir must
     match it, and realign_config.json and the model card report it."""
     training_keys = (
-        "seed", "max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "world_size",
-        "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "bf16", "fp16",
+        "seed",
+        "max_steps",
+        "num_train_epochs",
+        "learning_rate",
+        "per_device_train_batch_size",
+        "world_size",
+        "gradient_accumulation_steps",
+        "lr_scheduler_type",
+        "warmup_steps",
+        "weight_decay",
+        "optim",
+        "bf16",
+        "fp16",
         "train_sampling_strategy",
     )
     # --subset and --languages as typed are left out: `subset` and `languages` are what they resolve to.
@@ -1191,7 +1270,9 @@ def write_model_card(trainer, settings, subset_info, eval_metrics) -> None:
         "- Loss: " + ", ".join(f"{k}={v}" for k, v in loss.items()),
     ]
     if eval_metrics.get("eval_avg_retrieval_acc") is not None:
-        lines.append(f"- Held-out retrieval accuracy (mean of both directions): {eval_metrics['eval_avg_retrieval_acc']:.4f}")
+        lines.append(
+            f"- Held-out retrieval accuracy (mean of both directions): {eval_metrics['eval_avg_retrieval_acc']:.4f}"
+        )
         per_language = [
             f"| {code} | {eval_metrics[f'eval_{code}_retrieval_en2xx']:.4f} | {eval_metrics[f'eval_{code}_retrieval_xx2en']:.4f} |"
             for code in languages
@@ -1229,7 +1310,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     extensions.check_requirements(tokenizer)
     with training_args.main_process_first(desc="tokenising the parallel data"):
         train_dataset, eval_dataset, pair_stats = build_datasets(
-            codes, tokenizer, data_args, realign_args, extensions, model_args.cache_dir, training_args.seed,
+            codes,
+            tokenizer,
+            data_args,
+            realign_args,
+            extensions,
+            model_args.cache_dir,
+            training_args.seed,
             wants_eval(data_args, training_args),
         )
     # Recorded once the data is known to be good, so that a run failing on its input leaves nothing behind.

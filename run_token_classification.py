@@ -95,23 +95,84 @@ PAPER_TRAINING_DEFAULTS = {
 # Label orders as the Hub datasets store them (ClassLabel names); used only to read files holding bare integers.
 # Evaluation labels are always matched to the training labels by name, never by position.
 UDPOS_TAGS = (
-    "ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT", "SCONJ", "SYM",
-    "VERB", "X",
+    "ADJ",
+    "ADP",
+    "ADV",
+    "AUX",
+    "CCONJ",
+    "DET",
+    "INTJ",
+    "NOUN",
+    "NUM",
+    "PART",
+    "PRON",
+    "PROPN",
+    "PUNCT",
+    "SCONJ",
+    "SYM",
+    "VERB",
+    "X",
 )
 MASAKHAPOS_TAGS = (
-    "NOUN", "PUNCT", "ADP", "NUM", "SYM", "SCONJ", "ADJ", "PART", "DET", "CCONJ", "PROPN", "PRON", "X", "ADV", "INTJ",
-    "VERB", "AUX",
+    "NOUN",
+    "PUNCT",
+    "ADP",
+    "NUM",
+    "SYM",
+    "SCONJ",
+    "ADJ",
+    "PART",
+    "DET",
+    "CCONJ",
+    "PROPN",
+    "PRON",
+    "X",
+    "ADV",
+    "INTJ",
+    "VERB",
+    "AUX",
 )
 WIKIANN_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
 MASAKHANER_TAGS = (*WIKIANN_TAGS, "B-DATE", "I-DATE")
 # google/xtreme names its UDPOS configs udpos.<LanguageName> (33 languages; XTREME-R adds lt, pl, ro, uk and wo).
 XTREME_UDPOS_LANGUAGES = (
-    "Afrikaans", "Arabic", "Basque", "Bulgarian", "Chinese", "Dutch", "English", "Estonian", "Finnish", "French",
-    "German", "Greek", "Hebrew", "Hindi", "Hungarian", "Indonesian", "Italian", "Japanese", "Kazakh", "Korean",
-    "Marathi", "Persian", "Portuguese", "Russian", "Spanish", "Tagalog", "Tamil", "Telugu", "Thai", "Turkish", "Urdu",
-    "Vietnamese", "Yoruba",
+    "Afrikaans",
+    "Arabic",
+    "Basque",
+    "Bulgarian",
+    "Chinese",
+    "Dutch",
+    "English",
+    "Estonian",
+    "Finnish",
+    "French",
+    "German",
+    "Greek",
+    "Hebrew",
+    "Hindi",
+    "Hungarian",
+    "Indonesian",
+    "Italian",
+    "Japanese",
+    "Kazakh",
+    "Korean",
+    "Marathi",
+    "Persian",
+    "Portuguese",
+    "Russian",
+    "Spanish",
+    "Tagalog",
+    "Tamil",
+    "Telugu",
+    "Thai",
+    "Turkish",
+    "Urdu",
+    "Vietnamese",
+    "Yoruba",
 )
-MASAKHAPOS_RAW_URL = "https://raw.githubusercontent.com/masakhane-io/masakhane-pos/{revision}/data/{config}/{split}.txt"
+MASAKHAPOS_RAW_URL = (
+    "https://raw.githubusercontent.com/masakhane-io/masakhane-pos/{revision}/data/{config}/{split}.txt"
+)
 
 
 @dataclass(frozen=True)
@@ -135,13 +196,25 @@ SOURCES = {
     "xtreme_udpos": TaggingSource("xtreme_udpos", "google/xtreme", "pos_tags", UDPOS_TAGS, None, raw_format="conllu"),
     # masakhane/masakhapos is a loading script without a parquet branch: read the raw files the script points at.
     "masakhapos": TaggingSource(
-        "masakhapos", "masakhane/masakhapos", "upos", MASAKHAPOS_TAGS, "masakhapos", loader="github_raw", raw_format="txt"
+        "masakhapos",
+        "masakhane/masakhapos",
+        "upos",
+        MASAKHAPOS_TAGS,
+        "masakhapos",
+        loader="github_raw",
+        raw_format="txt",
     ),
     "wikiann": TaggingSource("wikiann", "unimelb-nlp/wikiann", "ner_tags", WIKIANN_TAGS, "wikiann"),
     # MasakhaNER 2.0 has DATE entities that WikiANN lacks; the reference code maps them to O.
     "masakhaner": TaggingSource(
-        "masakhaner", "masakhane/masakhaner2", "ner_tags", MASAKHANER_TAGS, "masakhaner", loader="parquet_branch",
-        raw_format="txt", label_renames=(("B-DATE", "O"), ("I-DATE", "O")),
+        "masakhaner",
+        "masakhane/masakhaner2",
+        "ner_tags",
+        MASAKHANER_TAGS,
+        "masakhaner",
+        loader="parquet_branch",
+        raw_format="txt",
+        label_renames=(("B-DATE", "O"), ("I-DATE", "O")),
     ),
 }
 TASK_METRICS = {"pos": ("accuracy",), "ner": ("f1", "precision", "recall")}
@@ -155,7 +228,9 @@ NOT_IN_PAPER = {"wikiann": ("amh", "ibo", "kin", "lin", "aym", "grn")}
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
-        metadata={"help": "The encoder to fine-tune: a Hub model id (xlm-roberta-base) or a local (realigned) checkpoint."}
+        metadata={
+            "help": "The encoder to fine-tune: a Hub model id (xlm-roberta-base) or a local (realigned) checkpoint."
+        }
     )
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "The tokenizer to use, if it differs from --model_name_or_path."}
@@ -168,7 +243,9 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False,
-        metadata={"help": "Whether to run code from the model's Hub repository. Only enable it for repositories you trust."},
+        metadata={
+            "help": "Whether to run code from the model's Hub repository. Only enable it for repositories you trust."
+        },
     )
     finetune_mode: str = field(
         default="full",
@@ -268,7 +345,9 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "The number of processes used to tokenise."}
     )
-    overwrite_cache: bool = field(default=False, metadata={"help": "Whether to tokenise again instead of reusing the cache."})
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Whether to tokenise again instead of reusing the cache."}
+    )
     results_file: str = field(
         default="results/results.csv",
         metadata={
@@ -321,8 +400,11 @@ def source_configs(source: TaggingSource) -> dict[str, str]:
         return eval_configs(source.registry_resource)
     registry = lang_registry.load_registry()
     udpos = eval_configs("udpos")
-    return {code: f"udpos.{registry.languages[code].name}" for code in udpos
-            if registry.languages[code].name in XTREME_UDPOS_LANGUAGES}
+    return {
+        code: f"udpos.{registry.languages[code].name}"
+        for code in udpos
+        if registry.languages[code].name in XTREME_UDPOS_LANGUAGES
+    }
 
 
 def paper_languages(source: TaggingSource) -> list[str]:
@@ -344,8 +426,11 @@ def resolve_targets(data_args: DataArguments, seed: int) -> list[EvalTarget]:
         if target not in targets:
             targets.append(target)
     counts = {n: sum(t.source == n and t.language != ENGLISH for t in targets) for n in wanted}
-    logger.info("Evaluating %d (source, language) entries plus English: %s", len(targets) - 1,
-                ", ".join(f"{n} {c}" for n, c in counts.items()))
+    logger.info(
+        "Evaluating %d (source, language) entries plus English: %s",
+        len(targets) - 1,
+        ", ".join(f"{n} {c}" for n, c in counts.items()),
+    )
     return targets
 
 
@@ -402,11 +487,18 @@ def read_token_tag_lines(path: Path, label_column: str) -> datasets.Dataset:
     if tokens:
         sentences.append((tokens, tags))
     if tokenless:
-        logger.warning("%s: %d line(s) hold a tag but no token, left out: line %s", path, len(tokenless),
-                       ", ".join(map(str, tokenless[:20])) + (", ..." if len(tokenless) > 20 else ""))
+        logger.warning(
+            "%s: %d line(s) hold a tag but no token, left out: line %s",
+            path,
+            len(tokenless),
+            ", ".join(map(str, tokenless[:20])) + (", ..." if len(tokenless) > 20 else ""),
+        )
     return datasets.Dataset.from_dict(
-        {"id": [str(i) for i in range(len(sentences))], "tokens": [s[0] for s in sentences],
-         label_column: [s[1] for s in sentences]}
+        {
+            "id": [str(i) for i in range(len(sentences))],
+            "tokens": [s[0] for s in sentences],
+            label_column: [s[1] for s in sentences],
+        }
     )
 
 
@@ -433,11 +525,17 @@ def load_split(source: TaggingSource, config: str, split: str, data_args, cache_
     else:
         origin = f"{source.hub_id} {config}/{split}"
         dataset = load_hub_split(
-            source.hub_id, config, split, parquet_branch=source.loader == "parquet_branch", revision=revision,
+            source.hub_id,
+            config,
+            split,
+            parquet_branch=source.loader == "parquet_branch",
+            revision=revision,
             cache_dir=cache_dir,
         )
     require_columns(
-        dataset, ("tokens", source.label_column), origin,
+        dataset,
+        ("tokens", source.label_column),
+        origin,
         f"{source.name} data needs the columns of {source.hub_id}: tokens and {source.label_column}.",
     )
     if len(dataset) == 0:
@@ -450,13 +548,16 @@ def load_training_data(data_args: DataArguments, model_args: ModelArguments, do_
     """The English training sentences (None when not training) and the label list, in the training data's order."""
     source = SOURCES[task_source_names(data_args)[0]]
     config = source_configs(source)[ENGLISH]
-    dataset, origin = load_split(source, config, "train" if do_train else source.split, data_args, model_args.cache_dir)
+    dataset, origin = load_split(
+        source, config, "train" if do_train else source.split, data_args, model_args.cache_dir
+    )
     label_list = class_label_names(dataset.features[source.label_column]) or list(source.label_names)
     logger.info("Labels (%d) from %s: %s", len(label_list), origin, label_list)
     if not do_train:
         return None, label_list
-    dataset = labels_to_training_ids(dataset, source.label_column, label_list, origin=origin,
-                                     declared_names=source.label_names)
+    dataset = labels_to_training_ids(
+        dataset, source.label_column, label_list, origin=origin, declared_names=source.label_names
+    )
     if data_args.max_train_samples is not None:
         dataset = dataset.select(range(min(len(dataset), data_args.max_train_samples)))
     return EvalSet(source.name, ENGLISH, dataset, origin), label_list
@@ -477,7 +578,11 @@ def load_eval_data(targets, label_list, data_args: DataArguments, model_args: Mo
             skipped.append((target, err))
             continue
         dataset = labels_to_training_ids(
-            dataset, source.label_column, label_list, origin=origin, declared_names=source.label_names,
+            dataset,
+            source.label_column,
+            label_list,
+            origin=origin,
+            declared_names=source.label_names,
             renames=dict(source.label_renames),
         )
         if data_args.max_eval_samples is not None:
@@ -515,7 +620,11 @@ def tokenize_set(eval_set: EvalSet, tokenizer, max_length: int, data_args: DataA
     tokenized = dataset.map(
         tokenize_and_align_labels,
         batched=True,
-        fn_kwargs={"tokenizer": tokenizer, "label_column": SOURCES[eval_set.source].label_column, "max_length": max_length},
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "label_column": SOURCES[eval_set.source].label_column,
+            "max_length": max_length,
+        },
         num_proc=data_args.preprocessing_num_workers,
         remove_columns=dataset.column_names,
         load_from_cache_file=not data_args.overwrite_cache,
@@ -523,8 +632,13 @@ def tokenize_set(eval_set: EvalSet, tokenizer, max_length: int, data_args: DataA
     )
     unscored = int(np.sum(tokenized["unscored_words"]))
     if unscored:
-        logger.warning("%s %s: %d word(s) get no label position (cut at %d tokens, or no sub-word at all).",
-                       eval_set.source, eval_set.language, unscored, max_length)
+        logger.warning(
+            "%s %s: %d word(s) get no label position (cut at %d tokens, or no sub-word at all).",
+            eval_set.source,
+            eval_set.language,
+            unscored,
+            max_length,
+        )
     return EvalSet(eval_set.source, eval_set.language, tokenized.remove_columns("unscored_words"), eval_set.origin)
 
 
@@ -535,7 +649,9 @@ def tokenize_set(eval_set: EvalSet, tokenizer, max_length: int, data_args: DataA
 
 def load_tokenizer_and_model(model_args: ModelArguments, label_list: list[str], task: str):
     config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+        model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
         trust_remote_code=model_args.trust_remote_code,
     )
     check_checkpoint_labels(config, label_list, model_args.model_name_or_path)
@@ -546,13 +662,19 @@ def load_tokenizer_and_model(model_args: ModelArguments, label_list: list[str], 
     # Byte-level BPE tokenizers need a prefix space to split pre-tokenised words as in running text.
     extra = {"add_prefix_space": True} if config.model_type in {"roberta", "gpt2", "bloom", "deberta"} else {}
     tokenizer = AutoTokenizer.from_pretrained(
-        model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code, **extra,
+        model_args.tokenizer_name or model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+        **extra,
     )
     if not tokenizer.is_fast:
         raise ValueError(f"{model_args.model_name_or_path}: a fast tokenizer is needed to map sub-words to words.")
     model = AutoModelForTokenClassification.from_pretrained(
-        model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+        model_args.model_name_or_path,
+        config=config,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
         trust_remote_code=model_args.trust_remote_code,
     )
     if model_args.finetune_mode == "linear":
@@ -651,8 +773,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_set = tokenize_set(raw_train, tokenizer, data_args.max_seq_length, data_args) if raw_train else None
         eval_sets = [tokenize_set(raw, tokenizer, eval_length, data_args) for raw in raw_evals]
     # Recorded once the data is known to be good, so that a run failing on its input leaves nothing behind.
-    check_settings(training_args.output_dir, run_settings(model_args, data_args, training_args),
-                   FINETUNE_SETTINGS_FILE, training_args.should_save)
+    check_settings(
+        training_args.output_dir,
+        run_settings(model_args, data_args, training_args),
+        FINETUNE_SETTINGS_FILE,
+        training_args.should_save,
+    )
     last_checkpoint = detect_checkpoint(training_args)
 
     pad_multiple = 8 if torch.cuda.is_available() and not training_args.use_cpu else None
@@ -678,16 +804,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics.update(eval_metrics)
         if trainer.is_world_process_zero() and data_args.results_file.lower() not in ("", "none"):
             append_downstream_results(
-                data_args.results_file, entries, TASK_METRICS[data_args.task], task=data_args.task,
-                model_name_or_path=model_args.model_name_or_path, seed=training_args.seed,
+                data_args.results_file,
+                entries,
+                TASK_METRICS[data_args.task],
+                task=data_args.task,
+                model_name_or_path=model_args.model_name_or_path,
+                seed=training_args.seed,
                 run_dir=training_args.output_dir,
             )
     if training_args.do_train:
         names = task_source_names(data_args)
         write_downstream_model_card(
-            trainer, finetuned_from=model_args.model_name_or_path, task_tag="token-classification",
-            dataset_ids=[SOURCES[n].hub_id for n in names], languages=[t.language for t in targets],
-            tags=[data_args.task, f"finetune-{model_args.finetune_mode}"], metrics=metrics,
+            trainer,
+            finetuned_from=model_args.model_name_or_path,
+            task_tag="token-classification",
+            dataset_ids=[SOURCES[n].hub_id for n in names],
+            languages=[t.language for t in targets],
+            tags=[data_args.task, f"finetune-{model_args.finetune_mode}"],
+            metrics=metrics,
         )
     return metrics
 

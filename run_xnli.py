@@ -120,7 +120,10 @@ SOURCES = {
     "americasnli": NLISource("americasnli", "nala-cub/americas_nli"),
     # IndoNLI's own JSON lines (github.com/ir-nlp-csui/indonli) write the labels as e / n / c.
     "indonli": NLISource(
-        "indonli", "afaji/indonli", split="test_expert", parquet_branch=True,
+        "indonli",
+        "afaji/indonli",
+        split="test_expert",
+        parquet_branch=True,
         label_renames=(("e", "entailment"), ("n", "neutral"), ("c", "contradiction")),
     ),
     "myxnli": NLISource("myxnli", "akhtet/myanmar-xnli", ("sentence1_my", "sentence2_my"), revision=MYXNLI_REVISION),
@@ -160,7 +163,9 @@ TASKS = {
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
-        metadata={"help": "The encoder to fine-tune: a Hub model id (xlm-roberta-base) or a local (realigned) checkpoint."}
+        metadata={
+            "help": "The encoder to fine-tune: a Hub model id (xlm-roberta-base) or a local (realigned) checkpoint."
+        }
     )
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "The tokenizer to use, if it differs from --model_name_or_path."}
@@ -173,7 +178,9 @@ class ModelArguments:
     )
     trust_remote_code: bool = field(
         default=False,
-        metadata={"help": "Whether to run code from the model's Hub repository. Only enable it for repositories you trust."},
+        metadata={
+            "help": "Whether to run code from the model's Hub repository. Only enable it for repositories you trust."
+        },
     )
     finetune_mode: str = field(
         default="full",
@@ -265,7 +272,9 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "The number of processes used to tokenise."}
     )
-    overwrite_cache: bool = field(default=False, metadata={"help": "Whether to tokenise again instead of reusing the cache."})
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Whether to tokenise again instead of reusing the cache."}
+    )
     results_file: str = field(
         default="results/results.csv",
         metadata={
@@ -329,8 +338,11 @@ def resolve_targets(data_args: DataArguments, seed: int) -> list[EvalTarget]:
         if target not in targets:
             targets.append(target)
     counts = {n: sum(t.source == n and t.language != ENGLISH for t in targets) for n in wanted}
-    logger.info("Evaluating %d (source, language) entries plus English: %s", len(targets) - 1,
-                ", ".join(f"{n} {c}" for n, c in counts.items()))
+    logger.info(
+        "Evaluating %d (source, language) entries plus English: %s",
+        len(targets) - 1,
+        ", ".join(f"{n} {c}" for n, c in counts.items()),
+    )
     return targets
 
 
@@ -350,7 +362,9 @@ def load_split(source: NLISource, config: str, split: str, data_args, cache_dir)
         )
         origin = f"{source.hub_id} {config}/{split}"
     require_columns(
-        dataset, (*source.text_columns, source.label_column), origin,
+        dataset,
+        (*source.text_columns, source.label_column),
+        origin,
         f"{source.name} data needs the columns of {source.hub_id}: {', '.join(source.text_columns)} and "
         f"{source.label_column}.",
     )
@@ -366,7 +380,8 @@ def load_split(source: NLISource, config: str, split: str, data_args, cache_dir)
         logger.warning("%s: %s null text value(s), read as empty strings.", origin, empty)
         dataset = dataset.map(
             lambda batch: {c: [text or "" for text in batch[c]] for c in columns},
-            batched=True, desc=f"Filling null texts of {origin}",
+            batched=True,
+            desc=f"Filling null texts of {origin}",
         )
     return dataset, origin
 
@@ -382,7 +397,9 @@ def load_training_data(data_args: DataArguments, model_args: ModelArguments, do_
     task = data_args.task_spec
     source = task.sources[task.train_source]
     config = eval_configs(task.train_source)[ENGLISH]
-    dataset, origin = load_split(source, config, "train" if do_train else source.split, data_args, model_args.cache_dir)
+    dataset, origin = load_split(
+        source, config, "train" if do_train else source.split, data_args, model_args.cache_dir
+    )
     if task.name == "nli":
         label_list = class_label_names(dataset.features["label"]) or list(NLI_LABELS)
     else:
@@ -390,8 +407,9 @@ def load_training_data(data_args: DataArguments, model_args: ModelArguments, do_
     logger.info("Labels from %s: %s", origin, label_list)
     if not do_train:
         return None, label_list
-    dataset = labels_to_training_ids(dataset, "label", label_list, origin=origin, declared_names=task.labels,
-                                     normalize=normalize_label_name)
+    dataset = labels_to_training_ids(
+        dataset, "label", label_list, origin=origin, declared_names=task.labels, normalize=normalize_label_name
+    )
     if data_args.max_train_samples is not None:
         dataset = dataset.select(range(min(len(dataset), data_args.max_train_samples)))
     return EvalSet(task.train_source, ENGLISH, dataset, origin), label_list
@@ -412,8 +430,15 @@ def load_eval_data(targets, label_list, data_args: DataArguments, model_args: Mo
         except MissingLocalSplit as err:
             skipped.append((target, err))
             continue
-        dataset = labels_to_training_ids(dataset, "label", label_list, origin=origin, declared_names=task.labels,
-                                         renames=dict(source.label_renames), normalize=normalize_label_name)
+        dataset = labels_to_training_ids(
+            dataset,
+            "label",
+            label_list,
+            origin=origin,
+            declared_names=task.labels,
+            renames=dict(source.label_renames),
+            normalize=normalize_label_name,
+        )
         if data_args.max_eval_samples is not None:
             dataset = dataset.select(range(min(len(dataset), data_args.max_eval_samples)))
         eval_sets.append(EvalSet(target.source, target.language, dataset, origin))
@@ -452,7 +477,9 @@ def tokenize_set(eval_set: EvalSet, tokenizer, max_length: int, data_args: DataA
 
 def load_tokenizer_and_model(model_args: ModelArguments, label_list: list[str], task: str = "nli"):
     config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+        model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
         trust_remote_code=model_args.trust_remote_code,
     )
     check_checkpoint_labels(config, label_list, model_args.model_name_or_path)
@@ -461,11 +488,16 @@ def load_tokenizer_and_model(model_args: ModelArguments, label_list: list[str], 
     config.label2id = {label: i for i, label in enumerate(label_list)}
     config.finetuning_task = "xnli" if task == "nli" else task
     tokenizer = AutoTokenizer.from_pretrained(
-        model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
+        model_args.tokenizer_name or model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
     )
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+        model_args.model_name_or_path,
+        config=config,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
         trust_remote_code=model_args.trust_remote_code,
     )
     if model_args.finetune_mode == "linear":
@@ -530,8 +562,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_set = tokenize_set(raw_train, tokenizer, data_args.max_seq_length, data_args) if raw_train else None
         eval_sets = [tokenize_set(raw, tokenizer, eval_length, data_args) for raw in raw_evals]
     # Recorded once the data is known to be good, so that a run failing on its input leaves nothing behind.
-    check_settings(training_args.output_dir, run_settings(model_args, data_args, training_args),
-                   FINETUNE_SETTINGS_FILE, training_args.should_save)
+    check_settings(
+        training_args.output_dir,
+        run_settings(model_args, data_args, training_args),
+        FINETUNE_SETTINGS_FILE,
+        training_args.should_save,
+    )
     last_checkpoint = detect_checkpoint(training_args)
 
     pad_multiple = 8 if torch.cuda.is_available() and not training_args.use_cpu else None
@@ -557,15 +593,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics.update(eval_metrics)
         if trainer.is_world_process_zero() and data_args.results_file.lower() not in ("", "none"):
             append_downstream_results(
-                data_args.results_file, entries, METRICS, task=data_args.task,
+                data_args.results_file,
+                entries,
+                METRICS,
+                task=data_args.task,
                 model_name_or_path=model_args.model_name_or_path,
-                seed=training_args.seed, run_dir=training_args.output_dir,
+                seed=training_args.seed,
+                run_dir=training_args.output_dir,
             )
     if training_args.do_train:
         write_downstream_model_card(
-            trainer, finetuned_from=model_args.model_name_or_path, task_tag="text-classification",
+            trainer,
+            finetuned_from=model_args.model_name_or_path,
+            task_tag="text-classification",
             dataset_ids=[s.hub_id for s in data_args.task_spec.sources.values()],
-            languages=[t.language for t in targets], tags=[data_args.task, f"finetune-{model_args.finetune_mode}"],
+            languages=[t.language for t in targets],
+            tags=[data_args.task, f"finetune-{model_args.finetune_mode}"],
             metrics=metrics,
         )
     return metrics

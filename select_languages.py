@@ -69,7 +69,17 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE_DIR = HERE / ".cache" / "select_languages"
 ANCHOR = "eng"
 
-STRATEGIES = ("uriel-most", "uriel-least", "latin-most", "latin-least", "family", "family-ie", "script", "random", "pool")
+STRATEGIES = (
+    "uriel-most",
+    "uriel-least",
+    "latin-most",
+    "latin-least",
+    "family",
+    "family-ie",
+    "script",
+    "random",
+    "pool",
+)
 STRATEGY_ALIASES = {"family-indo-european": "family-ie", "uriel": "uriel-most", "latin": "latin-most"}
 # Strategies that optimise the featural objective, and in which direction.
 SENSE = {
@@ -404,7 +414,9 @@ class DistanceMatrix:
         return np.array([position[code] for code in codes], dtype=np.int64)
 
 
-def angular_distances(vectors: np.ndarray, known: np.ndarray | None = None, names: list[str] | None = None) -> np.ndarray:
+def angular_distances(
+    vectors: np.ndarray, known: np.ndarray | None = None, names: list[str] | None = None
+) -> np.ndarray:
     """Angular distance arccos(cos(u, v)) / pi between all rows of `vectors` (paper A.1), in [0, 1].
 
     With a `known` mask (False = missing value), every pair is compared on the features both languages have, as
@@ -433,7 +445,9 @@ def angular_distances(vectors: np.ndarray, known: np.ndarray | None = None, name
     return (distances + distances.T) / 2
 
 
-def feature_codes(registry: lang_registry.Registry, codes: list[str], feature_args: FeatureArguments) -> dict[str, str]:
+def feature_codes(
+    registry: lang_registry.Registry, codes: list[str], feature_args: FeatureArguments
+) -> dict[str, str]:
     """Map canonical registry codes to the codes the feature source is queried with, logging every mapping."""
     style = feature_args.code_style
     if style == "auto":
@@ -445,8 +459,12 @@ def feature_codes(registry: lang_registry.Registry, codes: list[str], feature_ar
         if target != code:
             if target not in registry.get(code).aliases:
                 logger.warning("Registry entry %s does not list %s among its aliases.", code, target)
-            logger.info("%s: %s is looked up as %s (individual language of the macrolanguage)", feature_args.features,
-                        code, target)
+            logger.info(
+                "%s: %s is looked up as %s (individual language of the macrolanguage)",
+                feature_args.features,
+                code,
+                target,
+            )
         mapping[code] = target
     return mapping
 
@@ -459,7 +477,9 @@ def _lang2vec_distances(codes: list[str], feature_sets: str) -> np.ndarray:
     listed = l2v.available_languages()
     for code in codes:
         if code not in listed:
-            logger.info("lang2vec: %s is not in lang2vec.available_languages() but lang2vec returns a vector for it", code)
+            logger.info(
+                "lang2vec: %s is not in lang2vec.available_languages() but lang2vec returns a vector for it", code
+            )
     try:
         vectors = l2v.get_features(codes, feature_sets)
     except Exception as error:  # lang2vec raises bare Exceptions for unknown sets or languages
@@ -490,7 +510,9 @@ def _urielplus_distances(codes: list[str], integrate: bool) -> np.ndarray:
             uriel.set_glottocodes()
         table = pd.read_csv(
             Path(uriel.cur_dir) / "database" / "urielplus_csvs" / "uriel_glottocode_map.csv",
-            dtype=str, keep_default_na=False, na_filter=False,
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
         )
         glottocodes = {iso.strip(): glotto.strip() for iso, glotto in zip(table["iso_code"], table["glottocode"])}
         missing = [code for code in codes if not glottocodes.get(code)]
@@ -527,7 +549,11 @@ def load_distances(registry: lang_registry.Registry, feature_args: FeatureArgume
     source_codes = feature_codes(registry, codes, feature_args)
     lookup = [source_codes[code] for code in codes]
     if feature_args.features == "lang2vec":
-        settings = {"features": "lang2vec", "sets": feature_args.lang2vec_features, "version": _package_version("lang2vec")}
+        settings = {
+            "features": "lang2vec",
+            "sets": feature_args.lang2vec_features,
+            "version": _package_version("lang2vec"),
+        }
         description = f"lang2vec {settings['version']} {feature_args.lang2vec_features}"
     else:
         settings = {
@@ -551,8 +577,9 @@ def load_distances(registry: lang_registry.Registry, feature_args: FeatureArgume
             matrix = _lang2vec_distances(lookup, feature_args.lang2vec_features)
         else:
             matrix = _urielplus_distances(lookup, feature_args.urielplus_databases)
-        logger.info("Computed %s distances in %.1f s; caching them in %s", description, time.perf_counter() - start,
-                    cache)
+        logger.info(
+            "Computed %s distances in %.1f s; caching them in %s", description, time.perf_counter() - start, cache
+        )
         cache.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npz", delete=False) as handle:
             np.savez(handle, matrix=matrix, codes=np.array(lookup), settings=json.dumps(settings))
@@ -740,11 +767,21 @@ def solve_milp(problem: Problem, n: int, sense: str, time_limit: float) -> Solut
         # y_ij <= x_i, y_ij <= x_j, x_i + x_j - y_ij <= 1
         (np.repeat(np.arange(pairs), 2), np.stack([y, iu], 1).ravel(), np.tile([1.0, -1.0], pairs), -np.inf, 0.0),
         (np.repeat(np.arange(pairs), 2), np.stack([y, ju], 1).ravel(), np.tile([1.0, -1.0], pairs), -np.inf, 0.0),
-        (np.repeat(np.arange(pairs), 3), np.stack([iu, ju, y], 1).ravel(), np.tile([1.0, 1.0, -1.0], pairs),
-         -np.inf, 1.0),
+        (
+            np.repeat(np.arange(pairs), 3),
+            np.stack([iu, ju, y], 1).ravel(),
+            np.tile([1.0, 1.0, -1.0], pairs),
+            -np.inf,
+            1.0,
+        ),
         # sum_j y_ij - (n - 1) x_i = 0 for every i
-        (np.concatenate([iu, ju, np.arange(m)]), np.concatenate([y, y, np.arange(m)]),
-         np.concatenate([np.ones(2 * pairs), np.full(m, -(n - 1.0))]), 0.0, 0.0),
+        (
+            np.concatenate([iu, ju, np.arange(m)]),
+            np.concatenate([y, y, np.arange(m)]),
+            np.concatenate([np.ones(2 * pairs), np.full(m, -(n - 1.0))]),
+            0.0,
+            0.0,
+        ),
         # sum_i x_i = n
         (np.zeros(m, dtype=np.int64), np.arange(m), np.ones(m), float(n), float(n)),
     ]
@@ -776,8 +813,9 @@ def solve_milp(problem: Problem, n: int, sense: str, time_limit: float) -> Solut
     return Solution(sorted(chosen), problem.objective(chosen), "milp", optimal, seconds, bound, details)
 
 
-def _start_subset(problem: Problem, n: int, weights: np.ndarray, anchor: np.ndarray, first: int | None,
-                  order: np.ndarray | None) -> list[int]:
+def _start_subset(
+    problem: Problem, n: int, weights: np.ndarray, anchor: np.ndarray, first: int | None, order: np.ndarray | None
+) -> list[int]:
     """Greedy construction (from `first`), or the first feasible n of a random `order`."""
     m = problem.size
     used_groups: set[int] = set()
@@ -920,8 +958,9 @@ def pool_codes(registry: lang_registry.Registry, pool: str) -> list[str]:
     return [code for code in registry.pool() if keep(registry.languages[code])]
 
 
-def candidates_for(registry: lang_registry.Registry, strategy: str, pool: str,
-                   family_include_indo_european: bool = False) -> tuple[list[str], list[str] | None, str]:
+def candidates_for(
+    registry: lang_registry.Registry, strategy: str, pool: str, family_include_indo_european: bool = False
+) -> tuple[list[str], list[str] | None, str]:
     """The strategy's candidate languages within the pool, their group labels (at most one per group) and a note."""
     codes = pool_codes(registry, pool)
     english = registry.english
@@ -943,8 +982,9 @@ def candidates_for(registry: lang_registry.Registry, strategy: str, pool: str,
     return codes, None, "all pool languages"
 
 
-def build_problem(distances: DistanceMatrix, codes: list[str], labels: list[str] | None,
-                  include_english: bool) -> Problem:
+def build_problem(
+    distances: DistanceMatrix, codes: list[str], labels: list[str] | None, include_english: bool
+) -> Problem:
     index = distances.index(codes)
     matrix = distances.matrix[np.ix_(index, index)]
     if include_english:
@@ -1006,9 +1046,17 @@ def _check_size(strategy: str, pool: str, n: int, codes: list[str], labels: list
         )
 
 
-def select(registry: lang_registry.Registry, strategy: str, pool: str, n: int | None,
-           distances: DistanceMatrix | None, solver_args: SolverArguments, seed: int, include_english: bool = True,
-           family_include_indo_european: bool = False) -> Selection:
+def select(
+    registry: lang_registry.Registry,
+    strategy: str,
+    pool: str,
+    n: int | None,
+    distances: DistanceMatrix | None,
+    solver_args: SolverArguments,
+    seed: int,
+    include_english: bool = True,
+    family_include_indo_european: bool = False,
+) -> Selection:
     """Compute the subset of `strategy` within `pool` (all strategies; `distances` only needed for optimised ones)."""
     strategy, pool = canonical_strategy(strategy), canonical_pool(pool)
     codes, labels, constraint = candidates_for(registry, strategy, pool, family_include_indo_european)
@@ -1026,15 +1074,37 @@ def select(registry: lang_registry.Registry, strategy: str, pool: str, n: int | 
             objective = build_problem(distances, codes, None, include_english).objective(
                 [codes.index(c) for c in chosen]
             )
-        return Selection(strategy, pool, n, chosen, codes, constraint, distances and distances.description,
-                         objective, None, seed, include_english)
+        return Selection(
+            strategy,
+            pool,
+            n,
+            chosen,
+            codes,
+            constraint,
+            distances and distances.description,
+            objective,
+            None,
+            seed,
+            include_english,
+        )
     problem = build_problem(distances, codes, labels, include_english)
     solution = solve(problem, n, SENSE[strategy], solver_args, seed)
     chosen = [codes[i] for i in sorted(solution.indices)]
     order = {code: i for i, code in enumerate(registry.pool())}
     chosen.sort(key=order.__getitem__)
-    return Selection(strategy, pool, n, chosen, codes, constraint, distances.description, solution.objective,
-                     solution, seed, include_english)
+    return Selection(
+        strategy,
+        pool,
+        n,
+        chosen,
+        codes,
+        constraint,
+        distances.description,
+        solution.objective,
+        solution,
+        seed,
+        include_english,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1042,8 +1112,9 @@ def select(registry: lang_registry.Registry, strategy: str, pool: str, n: int | 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def objective_percentile(problem: Problem, n: int, value: float, samples: int, exhaustive_limit: int,
-                         seed: int) -> dict[str, Any]:
+def objective_percentile(
+    problem: Problem, n: int, value: float, samples: int, exhaustive_limit: int, seed: int
+) -> dict[str, Any]:
     """Where `value` ranks among all n-subsets of the problem's candidates (group constraints ignored).
 
     Exact (enumeration) when there are at most `exhaustive_limit` subsets, else estimated from `samples` uniform
@@ -1088,9 +1159,14 @@ def objective_percentile(problem: Problem, n: int, value: float, samples: int, e
     }
 
 
-def compare(registry: lang_registry.Registry, path: str, selection_args: SelectionArguments,
-            feature_args: FeatureArguments, solver_args: SolverArguments,
-            family_include_indo_european: bool = False) -> tuple[dict[str, Any], Selection]:
+def compare(
+    registry: lang_registry.Registry,
+    path: str,
+    selection_args: SelectionArguments,
+    feature_args: FeatureArguments,
+    solver_args: SolverArguments,
+    family_include_indo_european: bool = False,
+) -> tuple[dict[str, Any], Selection]:
     """Compare a subset file with the selection its strategy computes; returns (report, computed selection)."""
     subset = lang_registry.load_subset(path, registry=registry, seed=selection_args.seed)
     strategy, pool = (None, None)
@@ -1112,20 +1188,30 @@ def compare(registry: lang_registry.Registry, path: str, selection_args: Selecti
     codes, labels, _ = candidates_for(registry, strategy, pool, family_include_indo_european)
     outside = [c for c in listed if c not in codes]
     if outside:
-        notes.append(f"{len(outside)} listed language(s) are outside the strategy's candidates in pool {pool!r}: "
-                     f"{', '.join(outside)}.")
+        notes.append(
+            f"{len(outside)} listed language(s) are outside the strategy's candidates in pool {pool!r}: "
+            f"{', '.join(outside)}."
+        )
     if strategy == "random" and n > len(codes):
         notes.append(f"n={n} exceeds the pool's {len(codes)} languages; compared with the whole pool.")
         n = len(codes)
     if strategy in ("family", "script") and labels is not None and n > len(set(labels)):
-        notes.append(f"n={n} exceeds the {len(set(labels))} distinct groups; computed with "
-                     f"n={len(set(labels))}.")
+        notes.append(f"n={n} exceeds the {len(set(labels))} distinct groups; computed with n={len(set(labels))}.")
         n = len(set(labels))
     distances = None if strategy == "pool" else load_distances(registry, feature_args)
     if strategy == "pool":
         n = None
-    selection = select(registry, strategy, pool, n, distances, solver_args, selection_args.seed,
-                       feature_args.include_english, family_include_indo_european)
+    selection = select(
+        registry,
+        strategy,
+        pool,
+        n,
+        distances,
+        solver_args,
+        selection_args.seed,
+        feature_args.include_english,
+        family_include_indo_european,
+    )
     computed, printed = set(selection.languages), set(listed)
     overlap = len(computed & printed)
     report: dict[str, Any] = {
@@ -1207,8 +1293,7 @@ def selection_metadata(selection: Selection) -> dict[str, Any]:
     return meta
 
 
-def subset_document(selection: Selection, name: str, registry: lang_registry.Registry,
-                    command: str) -> dict[str, Any]:
+def subset_document(selection: Selection, name: str, registry: lang_registry.Registry, command: str) -> dict[str, Any]:
     """The subset YAML content (schema of subsets/*.yaml; `selection` only if the loader accepts that key)."""
     meta = selection_metadata(selection)
     random_all = selection.strategy == "random" and selection.pool == "all"
@@ -1218,9 +1303,14 @@ def subset_document(selection: Selection, name: str, registry: lang_registry.Reg
     )
     notes = []
     if selection.solution is not None:
-        status = "proven optimal" if selection.solution.optimal else (
-            f"not proven optimal (bound {meta['bound']}, gap {meta['gap']})" if meta["bound"] is not None
-            else "not proven optimal"
+        status = (
+            "proven optimal"
+            if selection.solution.optimal
+            else (
+                f"not proven optimal (bound {meta['bound']}, gap {meta['gap']})"
+                if meta["bound"] is not None
+                else "not proven optimal"
+            )
         )
         notes.append(
             f"Objective (sum of pairwise angular distances over S{' + eng' if selection.include_english else ''}, "
@@ -1312,9 +1402,12 @@ def format_selection(selection: Selection, registry: lang_registry.Registry) -> 
     if selection.solution is not None:
         lines.append(
             f"Solver: {meta['solver']} ({meta['solver_details']}), {meta['seconds']:.2f} s, "
-            f"proven optimal: {meta['proven_optimal']}" + (f", bound {meta['bound']}, gap {meta['gap']}"
-                                                             if meta["bound"] is not None and not meta["proven_optimal"]
-                                                             else "")
+            f"proven optimal: {meta['proven_optimal']}"
+            + (
+                f", bound {meta['bound']}, gap {meta['gap']}"
+                if meta["bound"] is not None and not meta["proven_optimal"]
+                else ""
+            )
         )
     lines.append(f"Languages ({len(selection.languages)}): {', '.join(selection.languages)}")
     for code in selection.languages:
@@ -1395,20 +1488,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     command = command_line(argv)
     include_ie = selection_args.family_include_indo_european
     if selection_args.compare is not None:
-        report, selection = compare(registry, selection_args.compare, selection_args, feature_args, solver_args,
-                                    include_ie)
+        report, selection = compare(
+            registry, selection_args.compare, selection_args, feature_args, solver_args, include_ie
+        )
         print(format_comparison(report))
     else:
         needs_distances = selection_args.strategy not in ("random", "pool")
         distances = load_distances(registry, feature_args) if needs_distances else None
-        selection = select(registry, selection_args.strategy, selection_args.pool or "all", selection_args.n,
-                           distances, solver_args, selection_args.seed, feature_args.include_english, include_ie)
+        selection = select(
+            registry,
+            selection_args.strategy,
+            selection_args.pool or "all",
+            selection_args.n,
+            distances,
+            solver_args,
+            selection_args.seed,
+            feature_args.include_english,
+            include_ie,
+        )
         report = selection_metadata(selection) | {"languages": selection.languages}
         print(format_selection(selection, registry))
     if selection_args.output is not None:
         name = selection_args.name or Path(selection_args.output).stem
-        path = write_yaml_atomic(selection_args.output, subset_document(selection, name, registry, command),
-                                 selection_args.overwrite_output)
+        path = write_yaml_atomic(
+            selection_args.output, subset_document(selection, name, registry, command), selection_args.overwrite_output
+        )
         report["output"] = str(path)
         print(f"Wrote {path}")
     if selection_args.report_json is not None:

@@ -128,16 +128,24 @@ def extract_word_links(
         seconds = time.perf_counter() - start
         logger.info(
             "%s: eflomal aligned %d pairs in %.1f s (%.1f s per 10k pairs); cached in %s",
-            desc, len(src_texts), seconds, seconds * 10_000 / max(1, len(src_texts)), path,
+            desc,
+            len(src_texts),
+            seconds,
+            seconds * 10_000 / max(1, len(src_texts)),
+            path,
         )
         with atomic_writer(path) as f:
             f.write("\n".join(lines) + "\n")
     if len(lines) != len(src_texts):
-        raise ValueError(f"{path}: {len(lines)} alignment lines for {len(src_texts)} pairs; delete the file to redo it.")
+        raise ValueError(
+            f"{path}: {len(lines)} alignment lines for {len(src_texts)} pairs; delete the file to redo it."
+        )
     links = []
     for line, src, tgt in zip(lines, src_words, tgt_words):
         pairs = [tuple(map(int, link.split("-"))) for link in line.split()]
-        links.append([[i, j] for i, j in pairs if i < len(src) and j < len(tgt) and is_word(src[i]) and is_word(tgt[j])])
+        links.append(
+            [[i, j] for i, j in pairs if i < len(src) and j < len(tgt) and is_word(src[i]) and is_word(tgt[j])]
+        )
     return links, key
 
 
@@ -147,8 +155,9 @@ def run_eflomal(src_lines: list[str], tgt_lines: list[str]) -> list[str]:
 
     with tempfile.TemporaryDirectory(prefix="realign-eflomal-") as folder:
         forward, reverse = Path(folder) / "forward", Path(folder) / "reverse"
-        eflomal.Aligner().align(src_lines, tgt_lines, links_filename_fwd=str(forward),
-                                links_filename_rev=str(reverse), quiet=True)
+        eflomal.Aligner().align(
+            src_lines, tgt_lines, links_filename_fwd=str(forward), links_filename_rev=str(reverse), quiet=True
+        )
         forward_lines = forward.read_text(encoding="utf-8").split("\n")[: len(src_lines)]
         reverse_lines = reverse.read_text(encoding="utf-8").split("\n")[: len(src_lines)]
     out = []

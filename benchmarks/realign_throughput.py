@@ -110,8 +110,15 @@ def build_model(kind: str, folder: Path, texts: list[str]) -> Path:
     wordpiece = BertWordPieceTokenizer(lowercase=False)
     wordpiece.train_from_iterator(texts, vocab_size=2000, min_frequency=1)
     tokenizer = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=False)
-    tokenizer.add_special_tokens({"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]",
-                                  "mask_token": "[MASK]"})
+    tokenizer.add_special_tokens(
+        {
+            "pad_token": "[PAD]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "unk_token": "[UNK]",
+            "mask_token": "[MASK]",
+        }
+    )
     vocab = len(tokenizer) if kind == "tiny" else BASE_VOCAB
     torch.manual_seed(0)
     model = BertModel(BertConfig(vocab_size=vocab, max_position_embeddings=512, **MODELS[kind]))
@@ -124,7 +131,9 @@ def tokenized_pairs(model_dir: Path, src: list[str], tgt: list[str], max_length:
     tokenizer = BertTokenizerFast.from_pretrained(model_dir)
     data = datasets.Dataset.from_dict({"src": src, "tgt": tgt})
     data_args = run_realign.DataArguments(languages="fra", max_seq_length=max_length, overlong="truncate")
-    tokenized, _ = run_realign.tokenize_pairs(data, "fra", tokenizer, data_args, run_realign.RealignArguments(), None, "bench")
+    tokenized, _ = run_realign.tokenize_pairs(
+        data, "fra", tokenizer, data_args, run_realign.RealignArguments(), None, "bench"
+    )
     return tokenized.add_column("lang_id", [0] * len(tokenized))
 
 
@@ -160,8 +169,12 @@ def pad_multiple(opts) -> int | None:
 
 def paper_loss_only(realign_args) -> run_realign.RealignExtensions:
     """No companion-paper term: the benchmark times the paper's loss."""
-    return run_realign.RealignExtensions(run_realign.ExtensionArguments(), realign_args.realign_layer,
-                                         realign_args.temperature, realign_args.same_meaning)
+    return run_realign.RealignExtensions(
+        run_realign.ExtensionArguments(),
+        realign_args.realign_layer,
+        realign_args.temperature,
+        realign_args.same_meaning,
+    )
 
 
 class SequentialRealignTrainer(run_realign.RealignTrainer):
@@ -173,28 +186,54 @@ class SequentialRealignTrainer(run_realign.RealignTrainer):
 
 def training_args(output_dir: str, batch: int, steps: int, opts, **kwargs) -> dict:
     return dict(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=2e-5,
-        lr_scheduler_type="constant", weight_decay=0.0, use_cpu=opts.device == "cpu", bf16=opts.bf16,
-        torch_compile=opts.compile, report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True,
-        dataloader_num_workers=0, **kwargs,
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=2e-5,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        use_cpu=opts.device == "cpu",
+        bf16=opts.bf16,
+        torch_compile=opts.compile,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **kwargs,
     )
 
 
-def realign_trainer(model_dir: Path, dataset: datasets.Dataset, batch: int, steps: int, opts,
-                    trainer_class=SequentialRealignTrainer, collator=None, **args) -> list[float]:
+def realign_trainer(
+    model_dir: Path,
+    dataset: datasets.Dataset,
+    batch: int,
+    steps: int,
+    opts,
+    trainer_class=SequentialRealignTrainer,
+    collator=None,
+    **args,
+) -> list[float]:
     """(b) the project's training step."""
     from transformers import AutoTokenizer
 
     realign_args = run_realign.RealignArguments()
-    model = run_realign.load_encoder(run_realign.ModelArguments(model_name_or_path=str(model_dir)), realign_args,
-                                     paper_loss_only(realign_args))
+    model = run_realign.load_encoder(
+        run_realign.ModelArguments(model_name_or_path=str(model_dir)), realign_args, paper_loss_only(realign_args)
+    )
     timer = StepTimer(opts.device)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(**training_args(out, batch, steps, opts, remove_unused_columns=False, **args))
         trainer = trainer_class(
-            model=model, args=args, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model_dir),
-            data_collator=collator or run_realign.PairCollator(0, pad_multiple(opts)), realign_args=realign_args,
-            language_codes=["fra"], sampling_probs=np.ones(1), callbacks=[timer],
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=AutoTokenizer.from_pretrained(model_dir),
+            data_collator=collator or run_realign.PairCollator(0, pad_multiple(opts)),
+            realign_args=realign_args,
+            language_codes=["fra"],
+            sampling_probs=np.ones(1),
+            callbacks=[timer],
         )
         trainer.train()
     return timer.times
@@ -206,15 +245,21 @@ def realign_loss_loop(model_dir: Path, dataset: datasets.Dataset, batch: int, st
     from transformers import AutoTokenizer
 
     realign_args = run_realign.RealignArguments()
-    model = run_realign.load_encoder(run_realign.ModelArguments(model_name_or_path=str(model_dir)), realign_args,
-                                     paper_loss_only(realign_args))
+    model = run_realign.load_encoder(
+        run_realign.ModelArguments(model_name_or_path=str(model_dir)), realign_args, paper_loss_only(realign_args)
+    )
     model = model.to(opts.device).train()
     collator = run_realign.PairCollator(0, pad_multiple(opts))
     with tempfile.TemporaryDirectory() as out:
         trainer = run_realign.RealignTrainer(
-            model=model, args=TrainingArguments(**training_args(out, batch, steps, opts, remove_unused_columns=False)),
-            train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(model_dir), data_collator=collator,
-            realign_args=realign_args, language_codes=["fra"], sampling_probs=np.ones(1),
+            model=model,
+            args=TrainingArguments(**training_args(out, batch, steps, opts, remove_unused_columns=False)),
+            train_dataset=dataset,
+            processing_class=AutoTokenizer.from_pretrained(model_dir),
+            data_collator=collator,
+            realign_args=realign_args,
+            language_codes=["fra"],
+            sampling_probs=np.ones(1),
         )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0, fused=True)
@@ -235,8 +280,9 @@ def realign_loss_loop(model_dir: Path, dataset: datasets.Dataset, batch: int, st
     return times
 
 
-def sentence_transformers_mnrl(model_dir: Path, src: list[str], tgt: list[str], batch: int, steps: int, max_length: int,
-                               opts):
+def sentence_transformers_mnrl(
+    model_dir: Path, src: list[str], tgt: list[str], batch: int, steps: int, max_length: int, opts
+):
     """(c) sentence-transformers' trainer with MultipleNegativesRankingLoss on the same texts and model."""
     from sentence_transformers import (
         SentenceTransformer,
@@ -305,8 +351,9 @@ def tokenization_throughput(model_dir: Path, n_pairs: int, max_length: int) -> d
         for label in ("fresh", "cached"):
             start = time.perf_counter()
             raw = datasets.Dataset.from_dict(run_realign.read_local_parallel([path]))
-            run_realign.tokenize_pairs(raw, "fra", tokenizer, data_args, run_realign.RealignArguments(), folder,
-                                       "bench", [path])
+            run_realign.tokenize_pairs(
+                raw, "fra", tokenizer, data_args, run_realign.RealignArguments(), folder, "bench", [path]
+            )
             result[f"{label}_pairs_per_s"] = n_pairs / (time.perf_counter() - start)
     return result
 
@@ -322,8 +369,14 @@ def evaluation_throughput(model_dir: Path, n: int, batch: int, opts) -> dict[str
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)
     result = {}
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_eval_batch_size=batch, use_cpu=opts.device == "cpu",
-                                 bf16_full_eval=opts.bf16, report_to="none", disable_tqdm=True)
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_eval_batch_size=batch,
+            use_cpu=opts.device == "cpu",
+            bf16_full_eval=opts.bf16,
+            report_to="none",
+            disable_tqdm=True,
+        )
         trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer))
         lengths = np.array([len(ids) for ids in data["input_ids"]])
         for label, dataset in (("unsorted", data), ("length_sorted", data.select(np.argsort(lengths)))):
@@ -356,8 +409,16 @@ def length_grouped_throughput(model_dir: Path, opts, n_pairs: int, batch: int, s
     result = {}
     for strategy in ("random", "group_by_length"):
         collator = CountingCollator(0, pad_multiple(opts))
-        times = realign_trainer(model_dir, dataset, batch, steps, opts, trainer_class=run_realign.RealignTrainer,
-                                collator=collator, train_sampling_strategy=strategy)
+        times = realign_trainer(
+            model_dir,
+            dataset,
+            batch,
+            steps,
+            opts,
+            trainer_class=run_realign.RealignTrainer,
+            collator=collator,
+            train_sampling_strategy=strategy,
+        )
         result[f"{strategy}_pairs_per_s"] = batch / steady(times, opts.warmup)
         result[f"{strategy}_padding_share"] = 1 - collator.real / collator.padded
     return result
@@ -379,8 +440,11 @@ def benchmark_model(kind: str, args, root: Path) -> dict:
         measured["b"].append(realign_trainer(model_dir, dataset, args.batch, steps, args)[args.warmup :])
         gc.collect()
         if not args.skip_sentence_transformers:
-            measured["c"].append(sentence_transformers_mnrl(model_dir, src, tgt, args.batch, steps, args.max_length,
-                                                            args)[args.warmup :])
+            measured["c"].append(
+                sentence_transformers_mnrl(model_dir, src, tgt, args.batch, steps, args.max_length, args)[
+                    args.warmup :
+                ]
+            )
             gc.collect()
     measured = {k: v for k, v in measured.items() if v}
     # The median over rounds of each round's median step; and the fastest step of all, which other processes'
@@ -422,19 +486,23 @@ def peak_memory_mb(opts) -> float:
 def print_table(results: list[dict], extra: dict, opts) -> None:
     precision = "bf16" if opts.bf16 else "fp32"
     print(f"\ndevice: {device_name(opts)}, {precision}{', torch.compile' if opts.compile else ''}")
-    print("| model | params | (a) bare pairs/s | (b0) loss + collation pairs/s | (b) RealignTrainer pairs/s | "
-          "(c) ST MNRL pairs/s | b0/a | b/a | b/c | b0/a, b/a, b/c (fastest steps) | steps/s (b) | tokens/s (b) | "
-          "TFLOP/s (b) | MFU (b) | paper's 24,544 steps (b) |")
+    print(
+        "| model | params | (a) bare pairs/s | (b0) loss + collation pairs/s | (b) RealignTrainer pairs/s | "
+        "(c) ST MNRL pairs/s | b0/a | b/a | b/c | b0/a, b/a, b/c (fastest steps) | steps/s (b) | tokens/s (b) | "
+        "TFLOP/s (b) | MFU (b) | paper's 24,544 steps (b) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         p = r["pairs_per_s"]
         mfu = f"{r['mfu']['b']:.1%}" if r["mfu"] else "n/a"
-        print(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {p['a']:.1f} | {p['b0']:.1f} | {p['b']:.1f} | "
-              f"{p.get('c', float('nan')):.1f} | {r['b0_over_a']:.3f} | {r['b_over_a']:.3f} | "
-              f"{r.get('b_over_c', float('nan')):.3f} | {r['b0_over_a_fastest']:.3f}, {r['b_over_a_fastest']:.3f}, "
-              f"{r.get('b_over_c_fastest', float('nan')):.3f} | "
-              f"{r['steps_per_s']['b']:.2f} | {r['tokens_per_s']['b']:.0f} | {r['model_tflops_per_s']['b']:.3f} | "
-              f"{mfu} | {r['paper_steps_hours_b']:.2f} h |")
+        print(
+            f"| {r['model']} | {r['params'] / 1e6:.2f} M | {p['a']:.1f} | {p['b0']:.1f} | {p['b']:.1f} | "
+            f"{p.get('c', float('nan')):.1f} | {r['b0_over_a']:.3f} | {r['b_over_a']:.3f} | "
+            f"{r.get('b_over_c', float('nan')):.3f} | {r['b0_over_a_fastest']:.3f}, {r['b_over_a_fastest']:.3f}, "
+            f"{r.get('b_over_c_fastest', float('nan')):.3f} | "
+            f"{r['steps_per_s']['b']:.2f} | {r['tokens_per_s']['b']:.0f} | {r['model_tflops_per_s']['b']:.3f} | "
+            f"{mfu} | {r['paper_steps_hours_b']:.2f} h |"
+        )
     print(f"\npeak memory: {peak_memory_mb(opts):.0f} MB ({'GPU allocated' if opts.device == 'cuda' else 'RSS'})")
     for name, values in extra.items():
         print(f"{name}: " + ", ".join(f"{k} = {v:.3g}" if v < 1 else f"{k} = {v:.1f}" for k, v in values.items()))
@@ -454,20 +522,38 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=40, help="Steps per measurement for the tiny model.")
     parser.add_argument("--base_steps", type=int, default=8, help="Steps per measurement for the 12-layer model.")
     parser.add_argument("--warmup", type=int, default=2, help="Steps left out of each measurement (warm-up).")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="Interleaved rounds of (a), (b0), (b), (c) for the tiny model; medians reported.")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="Interleaved rounds of (a), (b0), (b), (c) for the tiny model; medians reported.",
+    )
     parser.add_argument("--base_rounds", type=int, default=3, help="Interleaved rounds for the 12-layer model.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice).")
     parser.add_argument("--skip_sentence_transformers", action="store_true", help="Do not measure (c).")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="Where to train (default: the GPU when there is one).")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="Where to train (default: the GPU when there is one).",
+    )
     parser.add_argument("--bf16", action="store_true", help="Train in bf16 autocast (as run_realign.py --bf16).")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (run_realign.py --torch_compile).")
-    parser.add_argument("--peak_tflops", type=float, default=None,
-                        help="The device's peak TFLOP/s, for model FLOPs utilisation (default: known GPUs in bf16).")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (run_realign.py --torch_compile)."
+    )
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="The device's peak TFLOP/s, for model FLOPs utilisation (default: known GPUs in bf16).",
+    )
     parser.add_argument("--tokenize_pairs", type=int, default=20_000, help="Pairs for the tokenisation measurement.")
-    parser.add_argument("--grouped_steps", type=int, default=30,
-                        help="Steps of the random vs group_by_length measurement (tiny model, 0 to skip).")
+    parser.add_argument(
+        "--grouped_steps",
+        type=int,
+        default=30,
+        help="Steps of the random vs group_by_length measurement (tiny model, 0 to skip).",
+    )
     parser.add_argument("--eval_examples", type=int, default=2000, help="Examples for the evaluation measurement.")
     parser.add_argument("--output", default=None, help="Also write the results as JSON to this file.")
     args = parser.parse_args(argv)
@@ -486,8 +572,9 @@ def main(argv: list[str] | None = None) -> dict:
             results.append(benchmark_model(kind, args, root))
         tiny = build_model("tiny", root / "tiny-extra", make_texts(2000, 24, 9))
         extra = {
-            f"tokenisation + caching (tiny tokenizer, {args.tokenize_pairs:,} pairs), pairs/s":
-                tokenization_throughput(tiny, args.tokenize_pairs, args.max_length),
+            f"tokenisation + caching (tiny tokenizer, {args.tokenize_pairs:,} pairs), pairs/s": tokenization_throughput(
+                tiny, args.tokenize_pairs, args.max_length
+            ),
         }
         if args.grouped_steps:
             extra[f"realignment, tiny model, pairs of 5-80 words, {args.grouped_steps} steps"] = (
@@ -497,8 +584,14 @@ def main(argv: list[str] | None = None) -> dict:
             evaluation_throughput(tiny, args.eval_examples, 32, args)
         )
     print_table(results, extra, args)
-    output = {"device": device_name(args), "bf16": args.bf16, "compile": args.compile,
-              "torch_threads": torch.get_num_threads(), "results": results, "extra": extra}
+    output = {
+        "device": device_name(args),
+        "bf16": args.bf16,
+        "compile": args.compile,
+        "torch_threads": torch.get_num_threads(),
+        "results": results,
+        "extra": extra,
+    }
     if args.output:
         Path(args.output).write_text(json.dumps(output, indent=2), encoding="utf-8")
     return output

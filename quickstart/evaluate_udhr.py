@@ -50,22 +50,28 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base_model", required=True, help="The encoder before realignment (folder or Hub id).")
     parser.add_argument(
-        "--realigned", nargs="+", required=True,
+        "--realigned",
+        nargs="+",
+        required=True,
         help="One or more realigned checkpoints of that encoder (one per seed); their scores are averaged.",
     )
     parser.add_argument("--data_dir", default="data/udhr", help="The folder written by quickstart/prepare_udhr.py.")
     parser.add_argument(
-        "--trained", default=None,
+        "--trained",
+        default=None,
         help="The languages realignment was trained on (subset name/path or comma list). Default: read from the "
         "first realigned checkpoint's realign_config.json.",
     )
     parser.add_argument(
-        "--languages", default="all",
+        "--languages",
+        default="all",
         help="The languages to evaluate: 'all' (every language in --data_dir) or a comma list.",
     )
     parser.add_argument("--output_dir", required=True, help="Where to write report.md, all_results.json and a PNG.")
     parser.add_argument(
-        "--max_length", type=int, default=512,
+        "--max_length",
+        type=int,
+        default=512,
         help="Token limit when embedding held-out units: long enough that articles are not cut (the model's limit).",
     )
     parser.add_argument("--batch_size", type=int, default=16, help="Sentences embedded per forward pass.")
@@ -102,12 +108,16 @@ class Embedder:
         if not missing:
             return torch.stack([self.cache[t] for t in texts])
         # Sorted by token count, so that each batch pads to a length close to its own: give all texts in one call.
-        lengths = [len(ids) for ids in self.tokenizer(missing, truncation=True, max_length=self.max_length)["input_ids"]]
+        lengths = [
+            len(ids) for ids in self.tokenizer(missing, truncation=True, max_length=self.max_length)["input_ids"]
+        ]
         missing = [missing[i] for i in sorted(range(len(missing)), key=lengths.__getitem__)]
         batches = range(0, len(missing), self.batch_size)
         for start in tqdm(batches, desc=f"Embedding with {self.name}", disable=len(batches) < 2):
             chunk = missing[start : start + self.batch_size]
-            batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            batch = self.tokenizer(
+                chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
             hidden = self.model(**batch).last_hidden_state  # (B, L, d)
             mask = content_token_mask(batch["input_ids"], batch["attention_mask"], self.special_ids)
             for text, vector in zip(chunk, masked_mean_pool(hidden, mask)):
@@ -284,7 +294,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise FileNotFoundError(f"No held-out units in {data_dir / 'test'}: run quickstart/prepare_udhr.py first.")
     codes = available if args.languages == "all" else [registry.resolve(c) for c in args.languages.split(",")]
     units = {
-        level: {c: read_units(data_dir / folder / f"{c}.jsonl") for c in codes if (data_dir / folder / f"{c}.jsonl").exists()}
+        level: {
+            c: read_units(data_dir / folder / f"{c}.jsonl")
+            for c in codes
+            if (data_dir / folder / f"{c}.jsonl").exists()
+        }
         for level, folder in LEVELS.items()
     }
     before = evaluate_model(args.base_model, units, args)

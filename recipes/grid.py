@@ -197,8 +197,14 @@ def subsets_in_sections(sections: tuple[str, ...]) -> list[str]:
     for path in sorted(SUBSETS_DIR.glob("*.yaml")):
         source = subset_source(path)
         if source.get("section") in sections:
-            found.append((sections.index(source["section"]), str(source.get("row", "")),
-                          int(source.get("n_printed") or 0), path.stem))
+            found.append(
+                (
+                    sections.index(source["section"]),
+                    str(source.get("row", "")),
+                    int(source.get("n_printed") or 0),
+                    path.stem,
+                )
+            )
     return [name for *_, name in sorted(found)]
 
 
@@ -290,28 +296,56 @@ def build_plan(settings: Settings) -> list[Group]:
                 encoder, realignment = model, None
                 if subset_arg is not None:
                     realign_dir = directory / "realign"
-                    group.steps.append(Step(
-                        "realign", realign_dir,
-                        [str(ROOT / "run_realign.py"), "--subset", subset_arg, "--model_name_or_path", model,
-                         "--seed", str(seed), "--output_dir", str(realign_dir),
-                         *settings.extra_args, *settings.realign_args],
-                        log_file=directory / "realign.log",
-                    ))
+                    group.steps.append(
+                        Step(
+                            "realign",
+                            realign_dir,
+                            [
+                                str(ROOT / "run_realign.py"),
+                                "--subset",
+                                subset_arg,
+                                "--model_name_or_path",
+                                model,
+                                "--seed",
+                                str(seed),
+                                "--output_dir",
+                                str(realign_dir),
+                                *settings.extra_args,
+                                *settings.realign_args,
+                            ],
+                            log_file=directory / "realign.log",
+                        )
+                    )
                     realignment = group.steps[-1]
                     encoder = str(realign_dir)
                 for task in settings.tasks:
                     task_dir = directory / task
                     results_file = results / f"{task}.csv"
                     task_flag = [] if task == "nli" else ["--task", task]
-                    group.steps.append(Step(
-                        task, task_dir,
-                        [str(ROOT / TASK_SCRIPTS[task]), *task_flag, "--model_name_or_path", encoder,
-                         "--seed", str(seed), "--output_dir", str(task_dir), "--results_file", str(results_file),
-                         *settings.extra_args, *settings.downstream_args, *settings.task_args[task]],
-                        results_file=results_file,
-                        log_file=directory / f"{task}.log",
-                        depends_on=realignment,
-                    ))
+                    group.steps.append(
+                        Step(
+                            task,
+                            task_dir,
+                            [
+                                str(ROOT / TASK_SCRIPTS[task]),
+                                *task_flag,
+                                "--model_name_or_path",
+                                encoder,
+                                "--seed",
+                                str(seed),
+                                "--output_dir",
+                                str(task_dir),
+                                "--results_file",
+                                str(results_file),
+                                *settings.extra_args,
+                                *settings.downstream_args,
+                                *settings.task_args[task],
+                            ],
+                            results_file=results_file,
+                            log_file=directory / f"{task}.log",
+                            depends_on=realignment,
+                        )
+                    )
                 groups.append(group)
     return groups
 
@@ -389,12 +423,18 @@ def print_plan(groups: list[Group], seconds: dict[str, float], processes: int, o
                 else:
                     unknown.add(step.kind)
             print(f"    {label:8s} {step.kind:7s} {n_steps:>7d} steps  {step.output_dir}{estimate}", file=out)
-    print(f"{len(groups)} groups; steps to run: {counts['run']}, finished (skipped): {counts['skip']}, "
-          f"finished with other arguments: {counts['conflict']}", file=out)
+    print(
+        f"{len(groups)} groups; steps to run: {counts['run']}, finished (skipped): {counts['skip']}, "
+        f"finished with other arguments: {counts['conflict']}",
+        file=out,
+    )
     if seconds:
         note = f" (no time given for {', '.join(sorted(unknown))})" if unknown else ""
-        print(f"Estimated training time of the steps to run: {hours:.1f} h wall-clock on {processes} device(s) per "
-              f"step = {hours * processes:.1f} device-hours{note}; evaluation and start-up not included.", file=out)
+        print(
+            f"Estimated training time of the steps to run: {hours:.1f} h wall-clock on {processes} device(s) per "
+            f"step = {hours * processes:.1f} device-hours{note}; evaluation and start-up not included.",
+            file=out,
+        )
     return counts
 
 
@@ -521,8 +561,11 @@ def run_step(step: Step, settings: Settings, label: str, devices: str | None = N
     if returncode != 0 or not step.outputs_complete():
         reason = f"exit status {returncode}" if returncode != 0 else "incomplete outputs"
         lines = step.log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
-        print(f"{label}: FAILED ({reason}) after {seconds:.1f} s; last lines of {step.log_file}:\n"
-              + "\n".join(f"      {line}" for line in lines), flush=True)
+        print(
+            f"{label}: FAILED ({reason}) after {seconds:.1f} s; last lines of {step.log_file}:\n"
+            + "\n".join(f"      {line}" for line in lines),
+            flush=True,
+        )
         return False
     marker = {
         "script_args": step.script_args,
@@ -616,8 +659,10 @@ def run_groups(groups: list[Group], settings: Settings, jobs: int = 1, devices: 
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     if failures:
-        print(f"{len(failures)} step(s) failed or conflict: " + ", ".join(str(s.output_dir) for s in failures),
-              file=sys.stderr)
+        print(
+            f"{len(failures)} step(s) failed or conflict: " + ", ".join(str(s.output_dir) for s in failures),
+            file=sys.stderr,
+        )
     return len(failures)
 
 
@@ -632,34 +677,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Realign once per (model, subset, seed), fine-tune POS / NER / NLI from it, skip finished cells.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--models", default="xlm-roberta-base,bert-base-multilingual-cased",
-                        help="Comma-separated models (Hub ids or local folders).")
-    parser.add_argument("--subsets", default="main",
-                        help="main (Tables 8/10 rows + the fine-tuning-only baseline 'none'), ablation (Tables 9/11 "
-                        "and Table 1), all, or a comma list of these, subset names, YAML paths and 'none'.")
+    parser.add_argument(
+        "--models",
+        default="xlm-roberta-base,bert-base-multilingual-cased",
+        help="Comma-separated models (Hub ids or local folders).",
+    )
+    parser.add_argument(
+        "--subsets",
+        default="main",
+        help="main (Tables 8/10 rows + the fine-tuning-only baseline 'none'), ablation (Tables 9/11 "
+        "and Table 1), all, or a comma list of these, subset names, YAML paths and 'none'.",
+    )
     parser.add_argument("--seeds", default="17,23,42,66", help="Comma-separated seeds (realignment and fine-tuning).")
     parser.add_argument("--tasks", default=",".join(TASKS), help="Comma-separated tasks among pos, ner, nli.")
     parser.add_argument("--out_root", default=env.get("OUT_ROOT", "out/grid"), help="Where checkpoints go (OUT_ROOT).")
-    parser.add_argument("--results_dir", default=env.get("RESULTS_DIR", "results/grid"),
-                        help="Where the per-task results CSVs go (RESULTS_DIR); read it with collect_results.py.")
-    parser.add_argument("--accelerate_config",
-                        default=env.get("ACCELERATE_CONFIG", str(ROOT / "accelerate_configs" / "single_gpu.yaml")),
-                        help="The accelerate config of every step (ACCELERATE_CONFIG); 'none' runs each step as "
-                        "plain `python script.py ...` (one process, no accelerate).")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="How many (model, subset, seed) groups to run at once on this machine.")
-    parser.add_argument("--devices", default=None,
-                        help="With --jobs N: the CUDA_VISIBLE_DEVICES of each of the N slots, separated by ';' (e.g. "
-                        "'0;1;2;3', or '0,1;2,3' for two GPUs per group). Default: one GPU per slot, 0 … N−1; 'none' "
-                        "leaves CUDA_VISIBLE_DEVICES alone.")
-    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                        help="Print the plan (steps to run or skip, estimated time) and run nothing.")
-    parser.add_argument("--seconds_per_step", default=None,
-                        help="Seconds per training step for the --dry-run estimate, e.g. "
-                        "realign=0.05,pos=0.08,ner=0.08,nli=0.06 (measure them on your hardware).")
-    parser.add_argument("--cell-index", "--cell_index", dest="cell_index", type=int, default=None,
-                        help="Run only the (model, subset, seed) group with this index (0-based, as --dry-run numbers "
-                        "them): its realignment and its tasks. One SLURM array task each: $SLURM_ARRAY_TASK_ID.")
+    parser.add_argument(
+        "--results_dir",
+        default=env.get("RESULTS_DIR", "results/grid"),
+        help="Where the per-task results CSVs go (RESULTS_DIR); read it with collect_results.py.",
+    )
+    parser.add_argument(
+        "--accelerate_config",
+        default=env.get("ACCELERATE_CONFIG", str(ROOT / "accelerate_configs" / "single_gpu.yaml")),
+        help="The accelerate config of every step (ACCELERATE_CONFIG); 'none' runs each step as "
+        "plain `python script.py ...` (one process, no accelerate).",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="How many (model, subset, seed) groups to run at once on this machine."
+    )
+    parser.add_argument(
+        "--devices",
+        default=None,
+        help="With --jobs N: the CUDA_VISIBLE_DEVICES of each of the N slots, separated by ';' (e.g. "
+        "'0;1;2;3', or '0,1;2,3' for two GPUs per group). Default: one GPU per slot, 0 … N−1; 'none' "
+        "leaves CUDA_VISIBLE_DEVICES alone.",
+    )
+    parser.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="Print the plan (steps to run or skip, estimated time) and run nothing.",
+    )
+    parser.add_argument(
+        "--seconds_per_step",
+        default=None,
+        help="Seconds per training step for the --dry-run estimate, e.g. "
+        "realign=0.05,pos=0.08,ner=0.08,nli=0.06 (measure them on your hardware).",
+    )
+    parser.add_argument(
+        "--cell-index",
+        "--cell_index",
+        dest="cell_index",
+        type=int,
+        default=None,
+        help="Run only the (model, subset, seed) group with this index (0-based, as --dry-run numbers "
+        "them): its realignment and its tasks. One SLURM array task each: $SLURM_ARRAY_TASK_ID.",
+    )
     parser.add_argument("--count", action="store_true", help="Print the number of groups (for --array=0-(N-1)).")
     return parser.parse_args(argv)
 
@@ -710,8 +784,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cell_index is not None:
         if not 0 <= args.cell_index < len(groups):
-            print(f"error: --cell-index {args.cell_index} is out of range: the plan has {len(groups)} groups "
-                  f"(0 … {len(groups) - 1}).", file=sys.stderr)
+            print(
+                f"error: --cell-index {args.cell_index} is out of range: the plan has {len(groups)} groups "
+                f"(0 … {len(groups) - 1}).",
+                file=sys.stderr,
+            )
             return 2
         groups = [groups[args.cell_index]]
     if args.dry_run:

@@ -28,13 +28,28 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 PARALLEL = [
     ("The child reads a book.", "L'enfant lit un livre.", "Ọmọ náà ka ìwé kan.", "Mtoto anasoma kitabu."),
     ("The woman goes to the market.", "La femme va au marché.", "Obìnrin náà lọ sí ọjà.", "Mwanamke anaenda sokoni."),
-    ("We eat rice every day.", "Nous mangeons du riz chaque jour.", "A máa ń jẹ ìrẹsì lójoojúmọ́.", "Tunakula wali kila siku."),
-    ("The teacher writes on the board.", "Le professeur écrit au tableau.", "Olùkọ́ kọ̀wé sí pátákó.", "Mwalimu anaandika ubaoni."),
+    (
+        "We eat rice every day.",
+        "Nous mangeons du riz chaque jour.",
+        "A máa ń jẹ ìrẹsì lójoojúmọ́.",
+        "Tunakula wali kila siku.",
+    ),
+    (
+        "The teacher writes on the board.",
+        "Le professeur écrit au tableau.",
+        "Olùkọ́ kọ̀wé sí pátákó.",
+        "Mwalimu anaandika ubaoni.",
+    ),
     ("It is raining today.", "Il pleut aujourd'hui.", "Òjò ń rọ̀ lónìí.", "Mvua inanyesha leo."),
     ("My brother has two dogs.", "Mon frère a deux chiens.", "Ẹ̀gbọ́n mi ní ajá méjì.", "Kaka yangu ana mbwa wawili."),
     ("The water is cold.", "L'eau est froide.", "Omi náà tutù.", "Maji ni baridi."),
     ("They are singing a song.", "Ils chantent une chanson.", "Wọ́n ń kọ orin kan.", "Wanaimba wimbo."),
-    ("The sun rises in the east.", "Le soleil se lève à l'est.", "Oòrùn ń yọ ní ìlà oòrùn.", "Jua linachomoza mashariki."),
+    (
+        "The sun rises in the east.",
+        "Le soleil se lève à l'est.",
+        "Oòrùn ń yọ ní ìlà oòrùn.",
+        "Jua linachomoza mashariki.",
+    ),
     ("Where is the hospital?", "Où est l'hôpital ?", "Níbo ni ilé ìwòsàn wà?", "Hospitali iko wapi?"),
     ("I love my family.", "J'aime ma famille.", "Mo nífẹ̀ẹ́ ẹbí mi.", "Ninaipenda familia yangu."),
     ("The farmer plants maize.", "Le fermier plante du maïs.", "Àgbẹ̀ náà gbin àgbàdo.", "Mkulima anapanda mahindi."),
@@ -49,7 +64,12 @@ PARALLEL = [
     ("Buy some fruit at the shop.", "Achète des fruits au magasin.", "Ra èso ní ṣọ́ọ̀bù.", "Nunua matunda dukani."),
     ("The night is quiet.", "La nuit est calme.", "Òru náà dákẹ́.", "Usiku ni kimya."),
     ("My mother cooks soup.", "Ma mère prépare la soupe.", "Ìyá mi ń se ọbẹ̀.", "Mama yangu anapika supu."),
-    ("The old man tells a story.", "Le vieil homme raconte une histoire.", "Bàbá àgbà ń sọ ìtàn.", "Mzee anasimulia hadithi."),
+    (
+        "The old man tells a story.",
+        "Le vieil homme raconte une histoire.",
+        "Bàbá àgbà ń sọ ìtàn.",
+        "Mzee anasimulia hadithi.",
+    ),
 ]
 LANGS = {"fra": 1, "yor": 2, "swa": 3}
 
@@ -83,10 +103,15 @@ def _build_bert(folder: Path) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizer
 
     vocab = (DATA / "tiny_bert_vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
-    tokenizer = BertTokenizer(vocab={token: index for index, token in enumerate(vocab)}, do_lower_case=False,
-                              strip_accents=False)
+    tokenizer = BertTokenizer(
+        vocab={token: index for index, token in enumerate(vocab)}, do_lower_case=False, strip_accents=False
+    )
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
         max_position_embeddings=128,
     )
     import torch
@@ -108,8 +133,15 @@ def _build_xlmr(folder: Path) -> Path:
     vocab = [(s, 0.0) for s in specials] + pieces + [("<mask>", 0.0)]
     tokenizer = XLMRobertaTokenizer(vocab=vocab)
     config = XLMRobertaConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=0,
+        eos_token_id=2,
     )
     import torch
 
@@ -133,8 +165,9 @@ def write_tokenizer_vocabularies() -> None:
     by_index = sorted(wordpiece.get_vocab().items(), key=lambda item: item[1])
     (DATA / "tiny_bert_vocab.txt").write_text("".join(f"{token}\n" for token, _ in by_index), encoding="utf-8")
     unigram = SentencePieceUnigramTokenizer()
-    unigram.train_from_iterator(_corpus_lines(), vocab_size=500, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                unk_token="<unk>")
+    unigram.train_from_iterator(
+        _corpus_lines(), vocab_size=500, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"
+    )
     pieces = json.loads(unigram.to_str())["model"]["vocab"]
     lines = ",\n".join(json.dumps(piece, ensure_ascii=False) for piece in pieces)
     (DATA / "tiny_xlmr_unigram.json").write_text(f"[\n{lines}\n]\n", encoding="utf-8")

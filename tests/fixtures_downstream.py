@@ -21,10 +21,44 @@ from datasets import ClassLabel, Dataset, Features, List, Value
 ROOT = Path(__file__).resolve().parents[1]
 
 # Hub label orders (ClassLabel names), copied from the dataset cards.
-UDPOS_TAGS = ["ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
-              "SCONJ", "SYM", "VERB", "X"]
-MASAKHAPOS_TAGS = ["NOUN", "PUNCT", "ADP", "NUM", "SYM", "SCONJ", "ADJ", "PART", "DET", "CCONJ", "PROPN", "PRON", "X",
-                   "ADV", "INTJ", "VERB", "AUX"]
+UDPOS_TAGS = [
+    "ADJ",
+    "ADP",
+    "ADV",
+    "AUX",
+    "CCONJ",
+    "DET",
+    "INTJ",
+    "NOUN",
+    "NUM",
+    "PART",
+    "PRON",
+    "PROPN",
+    "PUNCT",
+    "SCONJ",
+    "SYM",
+    "VERB",
+    "X",
+]
+MASAKHAPOS_TAGS = [
+    "NOUN",
+    "PUNCT",
+    "ADP",
+    "NUM",
+    "SYM",
+    "SCONJ",
+    "ADJ",
+    "PART",
+    "DET",
+    "CCONJ",
+    "PROPN",
+    "PRON",
+    "X",
+    "ADV",
+    "INTJ",
+    "VERB",
+    "AUX",
+]
 WIKIANN_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 MASAKHANER_TAGS = [*WIKIANN_TAGS, "B-DATE", "I-DATE"]
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
@@ -84,8 +118,10 @@ def ner_sentence(index: int) -> tuple[list[str], list[str]]:
     """A sentence with PER / ORG / LOC entities (multi-word ones give I- tags) and its IOB2 tags."""
     template = TEMPLATES[index % len(TEMPLATES)][0]
     fills = {
-        "per": PEOPLE[index % len(PEOPLE)], "per2": PEOPLE[(index + 3) % len(PEOPLE)],
-        "loc": PLACES[index % len(PLACES)], "org": ORGS[index % len(ORGS)],
+        "per": PEOPLE[index % len(PEOPLE)],
+        "per2": PEOPLE[(index + 3) % len(PEOPLE)],
+        "loc": PLACES[index % len(PLACES)],
+        "org": ORGS[index % len(ORGS)],
     }
     kinds = {"per": "PER", "per2": "PER", "loc": "LOC", "org": "ORG"}
     tokens, tags = [], []
@@ -170,8 +206,11 @@ def write_masakhapos(root: Path, config: str, n: int, fmt: str = "parquet") -> N
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "test.txt").write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
         return
-    columns = {"id": [str(i) for i in range(n)], "tokens": sentences,
-               "upos": [[MASAKHAPOS_TAGS.index(t) for t in ts] for ts in tags]}
+    columns = {
+        "id": [str(i) for i in range(n)],
+        "tokens": sentences,
+        "upos": [[MASAKHAPOS_TAGS.index(t) for t in ts] for ts in tags],
+    }
     write_parquet(folder / "test.parquet", columns, tagging_features("upos", MASAKHAPOS_TAGS, {"id": Value("string")}))
 
 
@@ -181,16 +220,26 @@ def write_wikiann(root: Path, config: str, split: str, n: int, fmt: str = "parqu
     spans = [[f"{t[2:]}: {w}" for w, t in zip(s, ts) if t.startswith("B-")] for s, ts in zip(sentences, tags)]
     langs = [[config] * len(s) for s in sentences]
     if fmt == "jsonl-ids":
-        rows = [{"tokens": s, "ner_tags": [WIKIANN_TAGS.index(t) for t in ts], "langs": lg, "spans": sp}
-                for s, ts, lg, sp in zip(sentences, tags, langs, spans)]
+        rows = [
+            {"tokens": s, "ner_tags": [WIKIANN_TAGS.index(t) for t in ts], "langs": lg, "spans": sp}
+            for s, ts, lg, sp in zip(sentences, tags, langs, spans)
+        ]
         write_jsonl(folder / f"{split}.jsonl", rows)
         return
-    features = Features({
-        "tokens": List(Value("string")), "ner_tags": List(ClassLabel(names=WIKIANN_TAGS)),
-        "langs": List(Value("string")), "spans": List(Value("string")),
-    })
-    columns = {"tokens": list(sentences), "ner_tags": [[WIKIANN_TAGS.index(t) for t in ts] for ts in tags],
-               "langs": langs, "spans": spans}
+    features = Features(
+        {
+            "tokens": List(Value("string")),
+            "ner_tags": List(ClassLabel(names=WIKIANN_TAGS)),
+            "langs": List(Value("string")),
+            "spans": List(Value("string")),
+        }
+    )
+    columns = {
+        "tokens": list(sentences),
+        "ner_tags": [[WIKIANN_TAGS.index(t) for t in ts] for ts in tags],
+        "langs": langs,
+        "spans": spans,
+    }
     write_parquet(folder / f"{split}.parquet", columns, features)
 
 
@@ -199,8 +248,11 @@ def write_masakhaner(root: Path, config: str, n: int) -> None:
     if config == "yor":
         sentences[0], tags[0] = MASAKHANER_CRAFTED["tokens"], MASAKHANER_CRAFTED["names"]
     features = tagging_features("ner_tags", MASAKHANER_TAGS, {"id": Value("string")})
-    columns = {"id": [str(i) for i in range(n)], "tokens": sentences,
-               "ner_tags": [[MASAKHANER_TAGS.index(t) for t in ts] for ts in tags]}
+    columns = {
+        "id": [str(i) for i in range(n)],
+        "tokens": sentences,
+        "ner_tags": [[MASAKHANER_TAGS.index(t) for t in ts] for ts in tags],
+    }
     # The layout of the Hub's refs/convert/parquet branch: <config>/<split>/0000.parquet.
     write_parquet(root / "masakhaner" / config / "test" / "0000.parquet", columns, features)
 
@@ -208,10 +260,15 @@ def write_masakhaner(root: Path, config: str, n: int) -> None:
 def nli_rows(code: str, n: int, offset: int = 0) -> list[dict]:
     premises = texts(code, n, offset)
     hypotheses = texts(code, n, offset + 5)
-    return [{"premise": p, "hypothesis": h, "label": (offset + i) % 3} for i, (p, h) in enumerate(zip(premises, hypotheses))]
+    return [
+        {"premise": p, "hypothesis": h, "label": (offset + i) % 3}
+        for i, (p, h) in enumerate(zip(premises, hypotheses))
+    ]
 
 
-NLI_FEATURES = Features({"premise": Value("string"), "hypothesis": Value("string"), "label": ClassLabel(names=NLI_LABELS)})
+NLI_FEATURES = Features(
+    {"premise": Value("string"), "hypothesis": Value("string"), "label": ClassLabel(names=NLI_LABELS)}
+)
 
 
 def write_nli_parquet(path: Path, rows: list[dict]) -> None:
@@ -219,7 +276,9 @@ def write_nli_parquet(path: Path, rows: list[dict]) -> None:
 
 
 def write_afrixnli(root: Path, config: str, n: int) -> None:
-    lines = ["premise\thypothesis\tlabel"] + [f"{r['premise']}\t{r['hypothesis']}\t{r['label']}" for r in nli_rows(config, n, 1)]
+    lines = ["premise\thypothesis\tlabel"] + [
+        f"{r['premise']}\t{r['hypothesis']}\t{r['label']}" for r in nli_rows(config, n, 1)
+    ]
     folder = root / "afrixnli" / config
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "test.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -228,9 +287,16 @@ def write_afrixnli(root: Path, config: str, n: int) -> None:
 def write_myxnli(root: Path, n: int) -> None:
     rows = []
     for i, r in enumerate(nli_rows("eng", n, 2)):
-        rows.append({"genre": "fiction", "label": MYXNLI_STRINGS[i % 3], "sentence1_en": r["premise"],
-                     "sentence2_en": r["hypothesis"], "sentence1_my": texts("yor", 1, i)[0],
-                     "sentence2_my": texts("yor", 1, i + 4)[0]})
+        rows.append(
+            {
+                "genre": "fiction",
+                "label": MYXNLI_STRINGS[i % 3],
+                "sentence1_en": r["premise"],
+                "sentence2_en": r["hypothesis"],
+                "sentence1_my": texts("yor", 1, i)[0],
+                "sentence2_my": texts("yor", 1, i + 4)[0],
+            }
+        )
     write_jsonl(root / "myxnli" / "default" / "test.jsonl", rows)
 
 
@@ -282,8 +348,11 @@ SIB200_CATEGORIES = ["science/technology", "travel", "politics", "sports", "heal
 def sib200_rows(code: str, n: int, offset: int = 0) -> list[dict]:
     """n SIB-200 rows: FLORES-style index ids shared across languages (the same sentence has the same id everywhere)."""
     return [
-        {"index_id": str(1000 + offset + i), "category": SIB200_CATEGORIES[(offset + i) % len(SIB200_CATEGORIES)],
-         "text": text}
+        {
+            "index_id": str(1000 + offset + i),
+            "category": SIB200_CATEGORIES[(offset + i) % len(SIB200_CATEGORIES)],
+            "text": text,
+        }
         for i, text in enumerate(texts(code, n, offset))
     ]
 

@@ -70,8 +70,11 @@ def test_gradient_cosine_of_a_loss_with_itself_is_one(tiny_bert):
 
 
 def test_layer_groups_for_twelve_layers():
-    names = ["embeddings.word_embeddings.weight", *(f"encoder.layer.{i}.output.dense.weight" for i in range(12)),
-             "pooler.dense.weight"]
+    names = [
+        "embeddings.word_embeddings.weight",
+        *(f"encoder.layer.{i}.output.dense.weight" for i in range(12)),
+        "pooler.dense.weight",
+    ]
     groups = layer_groups(names, [4, 8, 12])
     assert list(groups) == ["embeddings", "layers 1-4", "layers 5-8", "layers 9-12", "all"]
     assert groups["layers 5-8"] == [f"encoder.layer.{i}.output.dense.weight" for i in range(4, 8)]
@@ -89,8 +92,18 @@ def identical_dir(root: Path) -> Path:
 
 def test_identical_sentences_give_recall_one(tiny_bert, tmp_path):
     out = tmp_path / "report"
-    report = analyze_alignment.main(["--model_name_or_path", tiny_bert, "--parallel_data",
-                                     str(identical_dir(tmp_path / "same")), "--layers", "0,1,2", "--output_dir", str(out)])
+    report = analyze_alignment.main(
+        [
+            "--model_name_or_path",
+            tiny_bert,
+            "--parallel_data",
+            str(identical_dir(tmp_path / "same")),
+            "--layers",
+            "0,1,2",
+            "--output_dir",
+            str(out),
+        ]
+    )
     for layer in (0, 1, 2):
         values = report["model"]["metrics"]["deu-eng"][layer]
         for k in (1, 5, 10):
@@ -103,19 +116,44 @@ def test_full_report_with_compare_dictionary_and_gradients(tiny_bert, parallel_d
     dictionary.write_text("child enfant\nbook livre\nwater eau\nbread pain\n", encoding="utf-8")
     sib = build_sib200_dir(tmp_path / "sib", per_language=2, train=16)
     out = tmp_path / "report"
-    report = analyze_alignment.main([
-        "--model_name_or_path", tiny_bert, "--compare_to", tiny_bert, "--parallel_data", str(parallel_dirs["train"]),
-        "--languages", "fra,yor", "--layers", "1,2", "--dictionaries", f"fra={dictionary}",
-        "--task_data", str(sib / "sib200" / "eng_Latn" / "train.tsv"), "--gradient_batch_size", "4",
-        "--output_dir", str(out),
-    ])
+    report = analyze_alignment.main(
+        [
+            "--model_name_or_path",
+            tiny_bert,
+            "--compare_to",
+            tiny_bert,
+            "--parallel_data",
+            str(parallel_dirs["train"]),
+            "--languages",
+            "fra,yor",
+            "--layers",
+            "1,2",
+            "--dictionaries",
+            f"fra={dictionary}",
+            "--task_data",
+            str(sib / "sib200" / "eng_Latn" / "train.tsv"),
+            "--gradient_batch_size",
+            "4",
+            "--output_dir",
+            str(out),
+        ]
+    )
     metrics = report["model"]["metrics"]
     assert set(metrics) == {"fra-eng", "yor-eng"} and report["pairs"]["fra-eng"]["sentences"] == 18
     for pair in metrics:
         for layer in (1, 2):
             values = metrics[pair][layer]
-            assert {"recall@1", "recall@5", "recall@10", "recall@1_centered", "recall@1_a2b", "recall@1_b2a_centered",
-                    "cos_translation", "cos_random", "cos_gap"} <= set(values)
+            assert {
+                "recall@1",
+                "recall@5",
+                "recall@10",
+                "recall@1_centered",
+                "recall@1_a2b",
+                "recall@1_b2a_centered",
+                "cos_translation",
+                "cos_random",
+                "cos_gap",
+            } <= set(values)
             assert 0 <= values["recall@1"] <= values["recall@5"] <= values["recall@10"] <= 1
     assert {"token_cos_distance", "token_cos_distance_random"} <= set(metrics["fra-eng"][2])
     gradients = report["model"]["gradients"]
@@ -133,20 +171,45 @@ def test_full_report_with_compare_dictionary_and_gradients(tiny_bert, parallel_d
     assert "## recall@1" in markdown and "## recall@1 — Δ" in markdown and "mean-centered" in markdown
     assert "## grad_cosine (task: sequence-level)" in markdown and "| fra-eng |" in markdown
     pngs = {p.name for p in out.glob("*.png")}
-    assert {"recall_at_1.png", "recall_at_1_centered.png", "cos_gap.png", "token_cos_distance.png",
-            "grad_cosine.png"} <= pngs
+    assert {
+        "recall_at_1.png",
+        "recall_at_1_centered.png",
+        "cos_gap.png",
+        "token_cos_distance.png",
+        "grad_cosine.png",
+    } <= pngs
 
 
 def test_sib200_pairs_without_english_and_token_task(tiny_xlmr, tmp_path):
     sib = build_sib200_dir(tmp_path / "sib", per_language=6, train=8)
     task = tmp_path / "pos.jsonl"
-    write_jsonl(task, [{"tokens": ["The", "child", "reads", "."], "pos_tags": [5, 7, 15, 12]}] * 4
-                + [{"tokens": ["Water", "is", "cold"], "pos_tags": [7, 3, 0]}] * 4)
-    report = analyze_alignment.main([
-        "--model_name_or_path", tiny_xlmr, "--parallel_data", "sib200", "--data_dir", str(sib),
-        "--parallel_split", "test", "--languages", "fra-yor,swa", "--layers", "-1", "--task_data", str(task),
-        "--gradient_batch_size", "4", "--output_dir", str(tmp_path / "out"),
-    ])
+    write_jsonl(
+        task,
+        [{"tokens": ["The", "child", "reads", "."], "pos_tags": [5, 7, 15, 12]}] * 4
+        + [{"tokens": ["Water", "is", "cold"], "pos_tags": [7, 3, 0]}] * 4,
+    )
+    report = analyze_alignment.main(
+        [
+            "--model_name_or_path",
+            tiny_xlmr,
+            "--parallel_data",
+            "sib200",
+            "--data_dir",
+            str(sib),
+            "--parallel_split",
+            "test",
+            "--languages",
+            "fra-yor,swa",
+            "--layers",
+            "-1",
+            "--task_data",
+            str(task),
+            "--gradient_batch_size",
+            "4",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert set(report["model"]["metrics"]) == {"fra-yor", "swa-eng"}
     assert report["model"]["layers"] == [2] and report["pairs"]["fra-yor"]["sentences"] == 6
     assert report["model"]["gradients"]["task"] == "token"
@@ -162,8 +225,17 @@ def test_sib200_pairs_without_english_and_token_task(tiny_xlmr, tmp_path):
     ],
 )
 def test_bad_input(extra, match, tiny_bert, parallel_dirs, tmp_path):
-    argv = ["--model_name_or_path", tiny_bert, "--parallel_data", str(parallel_dirs["train"]), "--layers", "1",
-            "--output_dir", str(tmp_path / "out"), *extra]
+    argv = [
+        "--model_name_or_path",
+        tiny_bert,
+        "--parallel_data",
+        str(parallel_dirs["train"]),
+        "--layers",
+        "1",
+        "--output_dir",
+        str(tmp_path / "out"),
+        *extra,
+    ]
     with pytest.raises(ValueError, match=match):
         analyze_alignment.main(argv)
     assert not (tmp_path / "out").exists()

@@ -35,10 +35,28 @@ def restore_logging():
 
 def test_benchmark_reports_every_figure(tmp_path, single_thread, restore_logging, capsys):
     output = tmp_path / "bench.json"
-    realign_throughput.main([
-        "--models", "tiny", "--steps", "4", "--warmup", "1", "--rounds", "1", "--tokenize_pairs", "200",
-        "--grouped_steps", "20", "--eval_examples", "64", "--device", "cpu", "--output", str(output),
-    ])
+    realign_throughput.main(
+        [
+            "--models",
+            "tiny",
+            "--steps",
+            "4",
+            "--warmup",
+            "1",
+            "--rounds",
+            "1",
+            "--tokenize_pairs",
+            "200",
+            "--grouped_steps",
+            "20",
+            "--eval_examples",
+            "64",
+            "--device",
+            "cpu",
+            "--output",
+            str(output),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "| tiny |" in printed and "b/a" in printed and "paper's 24,544 steps" in printed
     report = json.loads(output.read_text())

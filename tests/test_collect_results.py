@@ -16,18 +16,42 @@ from realign_utils import RESULTS_COLUMNS, append_results
 ROOT = Path(__file__).resolve().parents[1]
 XLMR = "xlm-roberta-base"
 OTHER = "some-org/encoder"  # no paper numbers, pre-training unknown
-SUBSETS = ["none", "all_65", "uriel_5", "uriel_10", "random_5", "latin_most_5", "joshi2_random_10", "joshi3_uriel",
-           "my_subset"]
+SUBSETS = [
+    "none",
+    "all_65",
+    "uriel_5",
+    "uriel_10",
+    "random_5",
+    "latin_most_5",
+    "joshi2_random_10",
+    "joshi3_uriel",
+    "my_subset",
+]
 SEEDS = (17, 23)
 # (source, language, offset from the run's average a): the offsets of each task sum to zero, so the macro average
 # over the non-English entries is exactly a. English (in-language) is 0.99 and must not count.
 ENTRIES = {
-    "pos": [("udpos", "eng", None), ("udpos", "fra", 0.2), ("udpos", "ind", 0.1), ("masakhapos", "yor", -0.1),
-            ("masakhapos", "hau", -0.2)],
-    "ner": [("wikiann", "eng", None), ("wikiann", "fra", 0.2), ("wikiann", "ind", 0.1), ("masakhaner", "yor", -0.1),
-            ("masakhaner", "hau", -0.2)],
-    "nli": [("xnli", "eng", None), ("xnli", "fra", 0.2), ("afrixnli", "yor", -0.1), ("americasnli", "quy", -0.05),
-            ("americasnli", "grn", -0.05)],
+    "pos": [
+        ("udpos", "eng", None),
+        ("udpos", "fra", 0.2),
+        ("udpos", "ind", 0.1),
+        ("masakhapos", "yor", -0.1),
+        ("masakhapos", "hau", -0.2),
+    ],
+    "ner": [
+        ("wikiann", "eng", None),
+        ("wikiann", "fra", 0.2),
+        ("wikiann", "ind", 0.1),
+        ("masakhaner", "yor", -0.1),
+        ("masakhaner", "hau", -0.2),
+    ],
+    "nli": [
+        ("xnli", "eng", None),
+        ("xnli", "fra", 0.2),
+        ("afrixnli", "yor", -0.1),
+        ("americasnli", "quy", -0.05),
+        ("americasnli", "grn", -0.05),
+    ],
 }
 METRICS = {"pos": ["accuracy"], "ner": ["f1", "precision", "recall"], "nli": ["accuracy"]}
 TASK_OFFSET = {"pos": 0.1, "ner": 0.0, "nli": 0.05}
@@ -35,8 +59,13 @@ TASK_OFFSET = {"pos": 0.1, "ner": 0.0, "nli": 0.05}
 
 def run_average(model: str, subset: str, seed: int, task: str) -> float:
     """The macro average a of a synthetic run: differs by subset, task and seed (seed 23 is 0.1 above seed 17)."""
-    return 0.30 + 0.01 * SUBSETS.index(subset) + TASK_OFFSET[task] + (0.1 if seed == 23 else 0.0) + (
-        0.05 if model == OTHER else 0.0)
+    return (
+        0.30
+        + 0.01 * SUBSETS.index(subset)
+        + TASK_OFFSET[task]
+        + (0.1 if seed == 23 else 0.0)
+        + (0.05 if model == OTHER else 0.0)
+    )
 
 
 def run_rows(model: str, subset: str, seed: int, task: str, run_dir: str, shift: float = 0.0) -> list[dict]:
@@ -47,8 +76,19 @@ def run_rows(model: str, subset: str, seed: int, task: str, run_dir: str, shift:
             value = 0.99 if offset is None else a + offset
             if metric != METRICS[task][0]:
                 value = 0.0  # precision / recall: not the task's metric, must be ignored
-            rows.append({"model": model, "subset": subset, "seed": seed, "task": task, "source": source,
-                         "language": language, "metric": metric, "value": value, "run_dir": run_dir})
+            rows.append(
+                {
+                    "model": model,
+                    "subset": subset,
+                    "seed": seed,
+                    "task": task,
+                    "source": source,
+                    "language": language,
+                    "metric": metric,
+                    "value": value,
+                    "run_dir": run_dir,
+                }
+            )
     return rows
 
 
@@ -67,16 +107,31 @@ def report(tmp_path_factory) -> Path:
                         rows = run_rows(model, subset, seed, task, run_dir, shift=-0.3)
                         append_results(path, [dict(r, timestamp="2026-01-01T00:00:00+00:00") for r in rows])
                         # And an older run of the same cell in another folder: ignored.
-                        append_results(results / "older.csv", [
-                            dict(r, timestamp="2025-06-01T00:00:00+00:00", run_dir="elsewhere") for r in rows])
-                    append_results(path, [dict(r, timestamp="2026-02-01T00:00:00+00:00")
-                                          for r in run_rows(model, subset, seed, task, run_dir)])
+                        append_results(
+                            results / "older.csv",
+                            [dict(r, timestamp="2025-06-01T00:00:00+00:00", run_dir="elsewhere") for r in rows],
+                        )
+                    append_results(
+                        path,
+                        [
+                            dict(r, timestamp="2026-02-01T00:00:00+00:00")
+                            for r in run_rows(model, subset, seed, task, run_dir)
+                        ],
+                    )
     (results / "notes.csv").write_text("something,else\n1,2\n", encoding="utf-8")  # not a results table: skipped
     custom = root / "custom_subsets"
     custom.mkdir()
-    (custom / "my_subset.yaml").write_text(yaml.safe_dump({
-        "name": "my_subset", "source": {"section": "Featural Diversity", "row": "Most diverse from English",
-                                        "n_printed": 7}, "strategy": "custom", "n": 7, "languages": ["yor"]}))
+    (custom / "my_subset.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "my_subset",
+                "source": {"section": "Featural Diversity", "row": "Most diverse from English", "n_printed": 7},
+                "strategy": "custom",
+                "n": 7,
+                "languages": ["yor"],
+            }
+        )
+    )
     out = root / "report"
     assert collect_results.main([str(results), "--out", str(out), "--subsets_dir", str(custom)]) == 0
     return out
@@ -96,11 +151,26 @@ def expected(model: str, subset: str, task: str) -> tuple[float, float]:
 def test_every_file_is_written(report):
     names = {p.name for p in report.iterdir()}
     for model in ("xlm-roberta-base", "some-org--encoder"):
-        assert {f"table_main_{model}.md", f"table_main_{model}.csv", f"table_ablation_{model}.md",
-                f"table_ablation_{model}.csv"} <= names
-    assert {"report.md", "cells.csv", "table_1_summary.md", "table_1_summary.csv", "resource_levels.md",
-            "resource_levels.csv", "americasnli.md", "americasnli.csv", "scaling.csv", "figure_3_resource_levels.png",
-            "figure_4_americasnli.png", "figure_5_scaling.png"} <= names
+        assert {
+            f"table_main_{model}.md",
+            f"table_main_{model}.csv",
+            f"table_ablation_{model}.md",
+            f"table_ablation_{model}.csv",
+        } <= names
+    assert {
+        "report.md",
+        "cells.csv",
+        "table_1_summary.md",
+        "table_1_summary.csv",
+        "resource_levels.md",
+        "resource_levels.csv",
+        "americasnli.md",
+        "americasnli.csv",
+        "scaling.csv",
+        "figure_3_resource_levels.png",
+        "figure_4_americasnli.png",
+        "figure_5_scaling.png",
+    } <= names
     for png in report.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
@@ -117,20 +187,40 @@ def test_cell_scores_exclude_english_and_other_metrics(report):
 
 def test_main_table_means_stds_and_layout(report):
     rows = read_csv(report / f"table_main_{XLMR}.csv")
-    assert [r["subset"] for r in rows] == ["all_65", "none", "uriel_5", "my_subset", "uriel_10", "latin_most_5",
-                                           "random_5"]
-    assert [r["section"] for r in rows] == ["Baseline", "Baseline", "Featural Diversity", "Featural Diversity",
-                                            "Featural Diversity", "Script Diversity", "Random Selection"]
+    assert [r["subset"] for r in rows] == [
+        "all_65",
+        "none",
+        "uriel_5",
+        "my_subset",
+        "uriel_10",
+        "latin_most_5",
+        "random_5",
+    ]
+    assert [r["section"] for r in rows] == [
+        "Baseline",
+        "Baseline",
+        "Featural Diversity",
+        "Featural Diversity",
+        "Featural Diversity",
+        "Script Diversity",
+        "Random Selection",
+    ]
     for row in rows:
         for task in ("nli", "pos", "ner"):
             mean, std = expected(XLMR, row["subset"], task)
             assert float(row[f"{task}_mean"]) == pytest.approx(mean)
             assert float(row[f"{task}_std"]) == pytest.approx(std)
-        assert float(row["avg"]) == pytest.approx(sum(expected(XLMR, row["subset"], t)[0] for t in ("nli", "pos", "ner")) / 3)
+        assert float(row["avg"]) == pytest.approx(
+            sum(expected(XLMR, row["subset"], t)[0] for t in ("nli", "pos", "ner")) / 3
+        )
         assert row["seeds"] == "2"
     # The paper's numbers for XLM-R come from its Table 10 (captioned mBERT: Tables 8 and 10 are swapped).
     none = next(r for r in rows if r["subset"] == "none")
-    assert (float(none["paper_nli_mean"]), float(none["paper_pos_mean"]), float(none["paper_ner_mean"])) == (58.61, 65.98, 51.09)
+    assert (float(none["paper_nli_mean"]), float(none["paper_pos_mean"]), float(none["paper_ner_mean"])) == (
+        58.61,
+        65.98,
+        51.09,
+    )
     assert float(none["paper_ner_std"]) == 0.96
     assert next(r for r in rows if r["subset"] == "my_subset")["paper_pos_mean"] == ""
     md = (report / f"table_main_{XLMR}.md").read_text()
@@ -155,8 +245,16 @@ def test_ablation_table(report):
 def test_table_1_summary(report):
     rows = read_csv(report / "table_1_summary.csv")
     xlmr = {r["subset"]: r for r in rows if r["model"] == XLMR}
-    assert list(xlmr) == ["joshi45_random_10", "joshi35_random_10", "joshi3_random_10", "joshi2_random_10",
-                          "unseen_xlmr_random_10", "seen_xlmr_random_10", "none", "all_65"]
+    assert list(xlmr) == [
+        "joshi45_random_10",
+        "joshi35_random_10",
+        "joshi3_random_10",
+        "joshi2_random_10",
+        "unseen_xlmr_random_10",
+        "seen_xlmr_random_10",
+        "none",
+        "all_65",
+    ]
     assert float(xlmr["joshi2_random_10"]["pos"]) == pytest.approx(expected(XLMR, "joshi2_random_10", "pos")[0])
     assert xlmr["joshi3_random_10"]["pos"] == ""  # not run
     assert float(xlmr["joshi2_random_10"]["paper_pos"]) == 68.8 and float(xlmr["none"]["paper_avg"]) == 58.6
@@ -168,7 +266,11 @@ def test_resource_levels_and_ood(report):
     rows = read_csv(report / "resource_levels.csv")
 
     def value(model, subset, group, task="mean"):
-        return float(next(r for r in rows if (r["model"], r["subset"], r["group"], r["task"]) == (model, subset, group, task))["mean"])
+        return float(
+            next(r for r in rows if (r["model"], r["subset"], r["group"], r["task"]) == (model, subset, group, task))[
+                "mean"
+            ]
+        )
 
     mean_a = {t: expected(XLMR, "uriel_5", t)[0] for t in ("pos", "ner", "nli")}
     # XLM-R: fra HRL, ind MRL, hau LRL seen by XLM-R, yor / quy / grn LRL unseen.

@@ -53,7 +53,8 @@ def test_ud_and_dev_file_names_are_found(tmp_path):
     (folder / "fr_xyz-ud-dev.conllu").write_text(conllu_word(1, "Salut", "INTJ") + "\n\n", encoding="utf-8")
     exts = (".parquet", ".conllu")
     assert (
-        downstream_utils.find_local_split(str(tmp_path), "udpos", "fr", "test", exts) == folder / "fr_xyz-ud-test.conllu"
+        downstream_utils.find_local_split(str(tmp_path), "udpos", "fr", "test", exts)
+        == folder / "fr_xyz-ud-test.conllu"
     )
     assert (
         downstream_utils.find_local_split(str(tmp_path), "udpos", "fr", "validation", exts)
@@ -62,7 +63,8 @@ def test_ud_and_dev_file_names_are_found(tmp_path):
     (tmp_path / "sib200" / "yor_Latn").mkdir(parents=True)
     (tmp_path / "sib200" / "yor_Latn" / "dev.tsv").write_text("index_id\tcategory\ttext\n", encoding="utf-8")
     assert (
-        downstream_utils.find_local_split(str(tmp_path), "sib200", "yor_Latn", "validation", (".tsv",)).name == "dev.tsv"
+        downstream_utils.find_local_split(str(tmp_path), "sib200", "yor_Latn", "validation", (".tsv",)).name
+        == "dev.tsv"
     )
     # Two treebanks of one language: say how to combine them rather than pick one.
     (folder / "fr_abc-ud-test.conllu").write_text(conllu_word(1, "Oui", "INTJ") + "\n\n", encoding="utf-8")

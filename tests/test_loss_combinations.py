@@ -29,10 +29,32 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models r
 
 def combo_argv(model, parallel_dirs, out, weights, *extra):
     return [
-        "--model_name_or_path", model, "--languages", "fra,yor,swa", "--parallel_data_dir", str(parallel_dirs["train"]),
-        "--output_dir", str(out), "--max_steps", "16", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
-        "--logging_steps", "4", "--save_steps", "100", "--use_cpu", "--seed", "7", "--cache_dir",
-        str(out.parent / "cache"), "--loss_weights", weights, *extra,
+        "--model_name_or_path",
+        model,
+        "--languages",
+        "fra,yor,swa",
+        "--parallel_data_dir",
+        str(parallel_dirs["train"]),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "16",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "4",
+        "--save_steps",
+        "100",
+        "--use_cpu",
+        "--seed",
+        "7",
+        "--cache_dir",
+        str(out.parent / "cache"),
+        "--loss_weights",
+        weights,
+        *extra,
     ]
 
 
@@ -75,8 +97,9 @@ def test_mlm_checkpoint_is_a_plain_encoder_and_resumes(tiny_bert, parallel_dirs,
     assert f"{run_realign.MLM_HEAD_PREFIX}predictions.decoder.weight" not in head
 
     interrupted = tmp_path / "interrupted"
-    argv_interrupted = combo_argv(tiny_bert, parallel_dirs, interrupted, "align=1,mlm=1", "--max_steps", "8",
-                                  "--save_steps", "4")
+    argv_interrupted = combo_argv(
+        tiny_bert, parallel_dirs, interrupted, "align=1,mlm=1", "--max_steps", "8", "--save_steps", "4"
+    )
     with crash_after(Trainer, 6):
         run_realign.main(argv_interrupted)
     run_realign.main(argv_interrupted)  # resumes from checkpoint-4, the decoder re-tied to the embeddings
@@ -106,6 +129,7 @@ def test_mlm_head_is_tied_to_the_trained_embeddings(tiny_xlmr):
 
 def reference_word_loss(q, bags, embeddings, negatives, temperature):
     """The companion paper's L_W written out term by term (cosine / T; negatives in a pair's bag left out)."""
+
     def s(u, v):
         return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v))) / temperature
 
@@ -127,8 +151,9 @@ def test_bag_of_words_loss_matches_the_formula():
     pair_ids = torch.tensor([[0, 5, 6, 5, 1, 7, 1], [0, 8, 3, 1, 9, 1, -1]])  # 0, 1 special; -1 padding; 5 twice
     candidates = torch.arange(2, 12)
     torch.manual_seed(3)
-    loss, stats = bag_of_words_loss(torch.tensor(q), pair_ids, torch.tensor(embeddings), candidates, num_negatives=6,
-                                temperature=0.1)
+    loss, stats = bag_of_words_loss(
+        torch.tensor(q), pair_ids, torch.tensor(embeddings), candidates, num_negatives=6, temperature=0.1
+    )
     torch.manual_seed(3)
     negatives = candidates[torch.randperm(len(candidates))[:6]].tolist()  # the same draw
     expected = reference_word_loss(q, [{5, 6, 7}, {8, 3, 9}], embeddings, negatives, 0.1)
@@ -164,8 +189,9 @@ def test_masked_lm_masks_like_bert():
     input_ids[:, 0], input_ids[:, -1] = 0, 1  # [CLS] … [SEP]
     attention = torch.ones_like(input_ids)
     generator = torch.Generator().manual_seed(0)
-    loss = masked_lm_loss(encoder, torch.nn.Identity(), input_ids, attention, torch.tensor([0, 1, 2]), 2, 50, 0.15,
-                          generator)
+    loss = masked_lm_loss(
+        encoder, torch.nn.Identity(), input_ids, attention, torch.tensor([0, 1, 2]), 2, 50, 0.15, generator
+    )
     changed = encoder.seen != input_ids
     masked = encoder.seen == 2
     assert not changed[:, 0].any() and not changed[:, -1].any()  # special tokens never touched
@@ -219,15 +245,35 @@ def test_two_process_run_with_every_loss(tiny_bert, parallel_dirs, tmp_path):
     """Under DDP the MLM head runs outside the encoder's forward: it must not be taken for an unused parameter."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out"
-    argv = combo_argv(tiny_bert, parallel_dirs, out, "align=1,bow=1,mlm=1", "--max_steps", "4",
-                      "--per_device_train_batch_size", "4", "--logging_steps", "2")
+    argv = combo_argv(
+        tiny_bert,
+        parallel_dirs,
+        out,
+        "align=1,bow=1,mlm=1",
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "2",
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(root / "run_realign.py"), *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(root / "run_realign.py"),
+        *argv,
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
-    assert all({"train_loss_align", "train_loss_bow", "train_loss_mlm"} <= set(e) for e in state["log_history"]
-               if "loss" in e)
+    assert all(
+        {"train_loss_align", "train_loss_bow", "train_loss_mlm"} <= set(e) for e in state["log_history"] if "loss" in e
+    )
     assert not any(k.startswith(run_realign.MLM_HEAD_PREFIX) for k in load_file(out / "model.safetensors"))

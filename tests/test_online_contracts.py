@@ -372,7 +372,9 @@ def test_contract_checks_pass_on_the_fixtures_and_catch_drift(downstream_dir):
         ("myxnli", "default", "test"),
         ("indonli", "indonli", "test_expert"),
     ):
-        path = downstream_utils.find_local_split(str(downstream_dir), name, config, split, (".parquet", ".tsv", ".jsonl"))
+        path = downstream_utils.find_local_split(
+            str(downstream_dir), name, config, split, (".parquet", ".tsv", ".jsonl")
+        )
         dataset = downstream_utils.read_local_table(path)
         source = run_xnli.SOURCES[name]
         assert nli_problems(dataset.features, dataset.to_list()[:ROWS], source, run_xnli.NLI_LABELS, str(path)) == []

@@ -67,8 +67,9 @@ def test_tsv_header_names_the_columns(tmp_path):
         read(tmp_path)
 
 
-@pytest.mark.parametrize("name, line", [("yor.tsv", "Hello\tBawo\n"),
-                                        ("yor.jsonl", '{"translation": {"en": "Hello", "yo": "Bawo"}}\n')])
+@pytest.mark.parametrize(
+    "name, line", [("yor.tsv", "Hello\tBawo\n"), ("yor.jsonl", '{"translation": {"en": "Hello", "yo": "Bawo"}}\n')]
+)
 def test_byte_order_mark_is_dropped(name, line, tmp_path):
     write(tmp_path, name, "\ufeff" + line + line)
     assert read(tmp_path) == {"src": ["Hello", "Hello"], "tgt": ["Bawo", "Bawo"]}
@@ -76,8 +77,11 @@ def test_byte_order_mark_is_dropped(name, line, tmp_path):
 
 @pytest.mark.parametrize("name", ["yor.tsv", "yor.jsonl", "en-yor.en"])
 def test_invalid_utf8_names_file_and_line(name, tmp_path):
-    good = {"yor.tsv": b"Hello\tBawo\n", "yor.jsonl": b'{"translation": {"en": "Hello", "yo": "Bawo"}}\n',
-            "en-yor.en": b"Hello\n"}[name]
+    good = {
+        "yor.tsv": b"Hello\tBawo\n",
+        "yor.jsonl": b'{"translation": {"en": "Hello", "yo": "Bawo"}}\n',
+        "en-yor.en": b"Hello\n",
+    }[name]
     write(tmp_path, name, good * 3 + good.replace(b"Hello", b"Caf\xe9") + good)
     if name == "en-yor.en":
         write(tmp_path, "en-yor.yor", "Bawo\n" * 5)
@@ -103,11 +107,18 @@ def test_bad_json_values_name_file_and_line(record, match, tmp_path):
 
 
 def test_json_ids_on_every_line_or_none(tmp_path):
-    write(tmp_path, "yor.jsonl", '{"id": 7, "translation": {"en": "Hi", "yo": "Bawo"}}\n'
-                                 '{"id": "b", "translation": {"en": "Hey", "yo": "Pele"}}\n')
+    write(
+        tmp_path,
+        "yor.jsonl",
+        '{"id": 7, "translation": {"en": "Hi", "yo": "Bawo"}}\n'
+        '{"id": "b", "translation": {"en": "Hey", "yo": "Pele"}}\n',
+    )
     assert read(tmp_path)["id"] == ["7", "b"]
-    write(tmp_path, "yor.jsonl", '{"id": 7, "translation": {"en": "Hi", "yo": "Bawo"}}\n'
-                                 '{"translation": {"en": "Hey", "yo": "Pele"}}\n')
+    write(
+        tmp_path,
+        "yor.jsonl",
+        '{"id": 7, "translation": {"en": "Hi", "yo": "Bawo"}}\n{"translation": {"en": "Hey", "yo": "Pele"}}\n',
+    )
     with pytest.raises(ValueError, match="yor.jsonl:2: 'id' must be given on every line or on none"):
         read(tmp_path)
 
@@ -134,8 +145,10 @@ def test_opus100_snapshot_layout(tmp_path):
 
 
 def test_flat_parquet_and_bad_rows(tmp_path):
-    pq.write_table(pa.table({"id": ["a", "b"], "translation": [{"en": "Hi", "yo": "Bawo"}, {"en": "Hey", "yo": None}]}),
-                   tmp_path / "yor.parquet")
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "translation": [{"en": "Hi", "yo": "Bawo"}, {"en": "Hey", "yo": None}]}),
+        tmp_path / "yor.parquet",
+    )
     with pytest.raises(ValueError, match=r"yor.parquet: row 1: .*NoneType"):
         read(tmp_path)
 
@@ -144,11 +157,28 @@ def test_opus_layout_trains_and_holds_out_its_validation_split(tiny_bert, tmp_pa
     from conftest import PARALLEL
 
     opus_shard(tmp_path / "data" / "en-yo" / "train-00000-of-00001.parquet", [(r[0], r[2]) for r in PARALLEL[:16]])
-    opus_shard(tmp_path / "data" / "en-yo" / "validation-00000-of-00001.parquet", [(r[0], r[2]) for r in PARALLEL[16:]])
+    opus_shard(
+        tmp_path / "data" / "en-yo" / "validation-00000-of-00001.parquet", [(r[0], r[2]) for r in PARALLEL[16:]]
+    )
     out = tmp_path / "out"
-    metrics = run_realign.main(["--model_name_or_path", tiny_bert, "--languages", "yor", "--parallel_data_dir",
-                                str(tmp_path / "data"), "--output_dir", str(out), "--max_steps", "2", "--use_cpu",
-                                "--do_eval", "--per_device_train_batch_size", "4"])
+    metrics = run_realign.main(
+        [
+            "--model_name_or_path",
+            tiny_bert,
+            "--languages",
+            "yor",
+            "--parallel_data_dir",
+            str(tmp_path / "data"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--use_cpu",
+            "--do_eval",
+            "--per_device_train_batch_size",
+            "4",
+        ]
+    )
     assert "eval_yor_retrieval_acc" in metrics
     pairs = json.loads((out / run_realign.CONFIG_FILE).read_text())["pair_counts"]["yor"]
     assert pairs["used"] == 16 and pairs["held_out"] == len(PARALLEL) - 16
@@ -164,8 +194,9 @@ def test_unknown_tokens_are_pooled_and_token_less_pairs_dropped(tiny_bert):
     unknown = "\U0001f980\U0001f981"  # characters the tiny vocabulary lacks
     assert tokenizer(unknown)["input_ids"][1:-1] == [tokenizer.unk_token_id]
     # A zero-width space alone tokenises to nothing but [CLS] [SEP]: a zero vector if it reached the loss.
-    data = datasets.Dataset.from_dict({"src": ["The child reads.", "The book.", "\u200b"],
-                                       "tgt": [unknown, "\u200b", "Le livre."]})
+    data = datasets.Dataset.from_dict(
+        {"src": ["The child reads.", "The book.", "\u200b"], "tgt": [unknown, "\u200b", "Le livre."]}
+    )
     tokenized, counts = run_realign.tokenize_pairs(
         data, "fra", tokenizer, run_realign.DataArguments(languages="fra"), run_realign.RealignArguments(), None, "x"
     )

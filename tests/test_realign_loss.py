@@ -128,7 +128,13 @@ def test_collator_stacks_sides_and_pads():
     batch = collator(
         [
             {"src_input_ids": [5, 6, 7], "tgt_input_ids": [5, 8], "src_n_words": 1, "tgt_n_words": 1, "lang_id": 0},
-            {"src_input_ids": [5, 9], "tgt_input_ids": [5, 1, 2, 3, 4], "src_n_words": 2, "tgt_n_words": 3, "lang_id": 1},
+            {
+                "src_input_ids": [5, 9],
+                "tgt_input_ids": [5, 1, 2, 3, 4],
+                "src_n_words": 2,
+                "tgt_n_words": 3,
+                "lang_id": 1,
+            },
         ]
     )
     assert batch["input_ids"].shape == (4, 8)  # 2N rows, longest 5 padded to a multiple of 4
@@ -181,11 +187,17 @@ def test_language_probabilities():
 def test_reference_compat_fills_unset_switches_only():
     ref = run_realign.RealignArguments(reference_compat=True, projection_head=False)
     assert (ref.pooling, ref.realign_layer, ref.projection_head, ref.strip_sentencepiece_space) == (
-        "reference_prefix", -2, False, True,
+        "reference_prefix",
+        -2,
+        False,
+        True,
     )
     paper = run_realign.RealignArguments()
     assert (paper.pooling, paper.realign_layer, paper.projection_head, paper.strip_sentencepiece_space) == (
-        "mean", -1, False, False,
+        "mean",
+        -1,
+        False,
+        False,
     )
 
 
@@ -209,7 +221,9 @@ def test_reference_prefix_pooling_on_crafted_input(tiny_xlmr):
         trainer = Stub()
         trainer.realign_args = run_realign.RealignArguments(pooling=pooling)
         trainer.special_ids = torch.tensor(tokenizer.all_special_ids)
-        pooled = run_realign.RealignTrainer.pool(trainer, model, ids["input_ids"], ids["attention_mask"], torch.tensor([5]))
+        pooled = run_realign.RealignTrainer.pool(
+            trainer, model, ids["input_ids"], ids["attention_mask"], torch.tensor([5])
+        )
         assert torch.allclose(pooled[0], expected, atol=1e-5), pooling
 
 
@@ -240,8 +254,13 @@ def test_length_buckets_pool_the_same_vectors(tiny_bert):
     model = AutoModel.from_pretrained(tiny_bert).eval()
     texts = ["The child reads a book in the garden every morning.", "A book.", "The child.", "Reads.", "The garden."]
     features = [
-        {"src_input_ids": tokenizer(a)["input_ids"], "tgt_input_ids": tokenizer(b)["input_ids"], "src_n_words": 2,
-         "tgt_n_words": 2, "lang_id": 0}
+        {
+            "src_input_ids": tokenizer(a)["input_ids"],
+            "tgt_input_ids": tokenizer(b)["input_ids"],
+            "src_n_words": 2,
+            "tgt_n_words": 2,
+            "lang_id": 0,
+        }
         for a, b in zip(texts, texts[::-1])
     ]
     batch = PairCollator(tokenizer.pad_token_id)(features)

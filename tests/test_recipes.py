@@ -51,8 +51,15 @@ def downstream_dir(tmp_path_factory) -> Path:
 
 
 def recipe_env(cache: Path, **variables: str) -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                PYTHON=sys.executable, ACCELERATE=str(BIN / "accelerate"), HF_DATASETS_CACHE=str(cache), **variables)
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        PYTHON=sys.executable,
+        ACCELERATE=str(BIN / "accelerate"),
+        HF_DATASETS_CACHE=str(cache),
+        **variables,
+    )
 
 
 def run(command: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
@@ -79,9 +86,26 @@ def test_grid_runs_once_skips_finished_cells_and_redoes_broken_ones(
         DOWNSTREAM_ARGS=f"--data_dir {downstream_dir} --eval_languages {EVAL_LANGUAGES} --max_steps 2 "
         "--per_device_train_batch_size 8",
     )
-    grid = ["bash", "recipes/reproduce_paper.sh", "--models", tiny_xlmr, "--subsets", ",".join(GRID_SUBSETS),
-            "--seeds", ",".join(map(str, GRID_SEEDS)), "--out_root", str(out), "--results_dir", str(results),
-            "--accelerate_config", "none", "--jobs", "2", "--devices", "none"]
+    grid = [
+        "bash",
+        "recipes/reproduce_paper.sh",
+        "--models",
+        tiny_xlmr,
+        "--subsets",
+        ",".join(GRID_SUBSETS),
+        "--seeds",
+        ",".join(map(str, GRID_SEEDS)),
+        "--out_root",
+        str(out),
+        "--results_dir",
+        str(results),
+        "--accelerate_config",
+        "none",
+        "--jobs",
+        "2",
+        "--devices",
+        "none",
+    ]
     model = Path(tiny_xlmr).name
 
     first = run(grid, env)
@@ -103,10 +127,15 @@ def test_grid_runs_once_skips_finished_cells_and_redoes_broken_ones(
                 assert f"--model_name_or_path {group / 'realign'}" in (group / f"{task}.log").read_text()
                 rows = read_rows(results / model / subset / f"seed{seed}" / f"{task}.csv")
                 assert {(r["model"], r["subset"], r["seed"], r["task"]) for r in rows} == {
-                    (tiny_xlmr, subset, str(seed), task)}
+                    (tiny_xlmr, subset, str(seed), task)
+                }
                 counts[(subset, seed, task)] = len(rows)
-    random_draws = [json.loads((out / model / "random_5" / f"seed{s}" / "realign" / "realign_config.json").read_text())
-                    ["languages"] for s in GRID_SEEDS]
+    random_draws = [
+        json.loads((out / model / "random_5" / f"seed{s}" / "realign" / "realign_config.json").read_text())[
+            "languages"
+        ]
+        for s in GRID_SEEDS
+    ]
     assert random_draws[0] != random_draws[1]
 
     # Second run: nothing to do.
@@ -287,8 +316,16 @@ def test_tasks_are_redone_when_their_realignment_is(fake_grid, tmp_path):
 
 
 def test_grid_plan_groups_and_cell_index(tmp_path):
-    base = [sys.executable, "recipes/grid.py", "--out_root", str(tmp_path / "out"), "--models",
-            "xlm-roberta-base,bert-base-multilingual-cased", "--seeds", "17,23,42,66"]
+    base = [
+        sys.executable,
+        "recipes/grid.py",
+        "--out_root",
+        str(tmp_path / "out"),
+        "--models",
+        "xlm-roberta-base,bert-base-multilingual-cased",
+        "--seeds",
+        "17,23,42,66",
+    ]
     env = dict(os.environ)
     count = run([*base, "--subsets", "main", "--count"], env)
     assert count.returncode == 0 and count.stdout.strip() == str(2 * 33 * 4)  # 32 Table 6/8 rows + `none`
@@ -297,8 +334,19 @@ def test_grid_plan_groups_and_cell_index(tmp_path):
     assert run([*base, "--subsets", "all", "--count"], env).stdout.strip() == str(2 * (33 + 29) * 4)
     # Groups are numbered model by model, subset by subset, seed by seed: none, all_65, joshi2_family, joshi2_script,
     # joshi2_uriel, joshi2_random_10, ... (the ablation 'Random' rows as draws of 10 from their pool).
-    plan = run([*base, "--subsets", "ablation", "--cell-index", str(5 * 4 + 1), "--dry-run", "--seconds_per_step",
-                "realign=0.05,pos=0.1,ner=0.1,nli=0.1"], env)
+    plan = run(
+        [
+            *base,
+            "--subsets",
+            "ablation",
+            "--cell-index",
+            str(5 * 4 + 1),
+            "--dry-run",
+            "--seconds_per_step",
+            "realign=0.05,pos=0.1,ner=0.1,nli=0.1",
+        ],
+        env,
+    )
     assert plan.returncode == 0, plan.stderr
     assert "[21] xlm-roberta-base joshi2_random_10 seed 23" in plan.stdout
     assert "24544 steps" in plan.stdout and "3325 steps" in plan.stdout  # paper-scale realignment and POS
@@ -307,7 +355,8 @@ def test_grid_plan_groups_and_cell_index(tmp_path):
     drawn = yaml.safe_load((tmp_path / "out" / "subsets" / "joshi2_random_10.yaml").read_text())
     assert drawn["strategy"] == "random" and drawn["n"] == 10 and drawn["pool"] == "joshi2_random"
     assert lang_registry.load_subset(tmp_path / "out" / "subsets" / "joshi2_random_10.yaml", seed=23).languages == (
-        lang_registry.draw_random(lang_registry.load_subset("joshi2_random").languages, 10, 23))
+        lang_registry.draw_random(lang_registry.load_subset("joshi2_random").languages, 10, 23)
+    )
     bad = run([*base, "--subsets", "main", "--cell-index", "999"], env)
     assert bad.returncode == 2 and "out of range" in bad.stderr
     bad = run([*base, "--subsets", "uriel_5,nonsense"], env)
@@ -318,8 +367,17 @@ def test_slurm_array_script_runs_one_group_per_task(tmp_path):
     for script in (ROOT / "recipes").glob("*.sh"):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
     env = dict(os.environ, SLURM_ARRAY_TASK_ID="3", PYTHON=sys.executable)
-    args = ["--models", "xlm-roberta-base", "--subsets", "none", "--seeds", "17,23,42,66", "--out_root",
-            str(tmp_path / "out"), "--dry-run"]
+    args = [
+        "--models",
+        "xlm-roberta-base",
+        "--subsets",
+        "none",
+        "--seeds",
+        "17,23,42,66",
+        "--out_root",
+        str(tmp_path / "out"),
+        "--dry-run",
+    ]
     result = run(["bash", "recipes/slurm_array.sh", *args], env)
     assert result.returncode == 0, result.stderr
     assert "[3] xlm-roberta-base none seed 66" in result.stdout and "1 groups" in result.stdout
@@ -334,13 +392,16 @@ def test_slurm_array_script_runs_one_group_per_task(tmp_path):
 @pytest.mark.slow
 def test_realign_and_evaluate_recipe(tiny_bert, parallel_dirs, downstream_dir, tmp_path):
     subset = tmp_path / "tiny3.yaml"
-    subset.write_text(yaml.safe_dump({"name": "tiny3", "strategy": "custom", "n": 3,
-                                      "languages": ["fra", "yor", "swa"]}))
+    subset.write_text(
+        yaml.safe_dump({"name": "tiny3", "strategy": "custom", "n": 3, "languages": ["fra", "yor", "swa"]})
+    )
     results_file = tmp_path / "results" / "results.csv"
     env = recipe_env(
         tmp_path / "cache",
         ACCELERATE_CONFIG=str(ROOT / "accelerate_configs" / "single_gpu.yaml"),
-        OUT_ROOT=str(tmp_path / "out"), RESULTS_FILE=str(results_file), TASKS="pos nli",
+        OUT_ROOT=str(tmp_path / "out"),
+        RESULTS_FILE=str(results_file),
+        TASKS="pos nli",
         EXTRA_ARGS=f"--use_cpu --cache_dir {tmp_path / 'cache'} --max_steps 2",
         REALIGN_ARGS=f"--parallel_data_dir {parallel_dirs['train']} --per_device_train_batch_size 4",
         DOWNSTREAM_ARGS=f"--data_dir {downstream_dir} --eval_languages {EVAL_LANGUAGES} --per_device_train_batch_size 8",
@@ -353,7 +414,9 @@ def test_realign_and_evaluate_recipe(tiny_bert, parallel_dirs, downstream_dir, t
     assert json.loads((run_dir / "realign" / "realign_config.json").read_text())["languages"] == ["fra", "yor", "swa"]
     rows = read_rows(results_file)
     assert {(r["model"], r["subset"], r["seed"], r["task"]) for r in rows} == {
-        (tiny_bert, "tiny3", "17", "pos"), (tiny_bert, "tiny3", "17", "nli")}
+        (tiny_bert, "tiny3", "17", "pos"),
+        (tiny_bert, "tiny3", "17", "nli"),
+    }
     assert {r["run_dir"] for r in rows} == {str(run_dir / "pos"), str(run_dir / "nli")}
 
     second = run(command, env)
@@ -385,7 +448,14 @@ def test_launch_configs_are_consistent():
     from accelerate.commands.config.config_args import load_config_from_file
 
     configs = {p.stem: p for p in (ROOT / "accelerate_configs").glob("*.yaml")}
-    assert {"single_gpu", "multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "cpu_2proc", "deepspeed_zero2_cpu"} <= set(configs)
+    assert {
+        "single_gpu",
+        "multi_gpu",
+        "deepspeed_zero2",
+        "deepspeed_zero3",
+        "cpu_2proc",
+        "deepspeed_zero2_cpu",
+    } <= set(configs)
     for name, path in configs.items():
         config = load_config_from_file(str(path))
         raw = yaml.safe_load(path.read_text())
@@ -403,8 +473,12 @@ def test_launch_configs_are_consistent():
 def test_deepspeed_configs_leave_trainer_settings_auto(stage):
     """Everything TrainingArguments owns is "auto"; optimizer and scheduler are the Trainer's own (no section)."""
     config = json.loads((ROOT / "ds_configs" / f"zero{stage}.json").read_text())
-    for key in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
-                "gradient_clipping"):
+    for key in (
+        "train_micro_batch_size_per_gpu",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+    ):
         assert config[key] == "auto", key
     assert config["fp16"]["enabled"] == "auto" and config["bf16"]["enabled"] == "auto"
     assert config["zero_optimization"]["stage"] == stage
@@ -413,8 +487,13 @@ def test_deepspeed_configs_leave_trainer_settings_auto(stage):
     from transformers import BertConfig, BertModel, TrainingArguments
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=16, gradient_accumulation_steps=2,
-                             use_cpu=True, report_to="none")
+    args = TrainingArguments(
+        output_dir="unused",
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=2,
+        use_cpu=True,
+        report_to="none",
+    )
     hf_config = HfTrainerDeepSpeedConfig(dict(config))
     hf_config.trainer_config_process(args)
     model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
@@ -430,11 +509,30 @@ def test_deepspeed_zero2_two_cpu_processes(tiny_bert, parallel_dirs, tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
     out = tmp_path / "out"
     command = [
-        str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero2_cpu.yaml"),
-        str(ROOT / "run_realign.py"), "--model_name_or_path", tiny_bert, "--languages", "fra,yor,swa",
-        "--parallel_data_dir", str(parallel_dirs["train"]), "--output_dir", str(out), "--max_steps", "4",
-        "--per_device_train_batch_size", "4", "--logging_steps", "2", "--learning_rate", "1e-3", "--use_cpu",
-        "--cache_dir", str(tmp_path / "cache"),
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / "deepspeed_zero2_cpu.yaml"),
+        str(ROOT / "run_realign.py"),
+        "--model_name_or_path",
+        tiny_bert,
+        "--languages",
+        "fra,yor,swa",
+        "--parallel_data_dir",
+        str(parallel_dirs["train"]),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--use_cpu",
+        "--cache_dir",
+        str(tmp_path / "cache"),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     result = run(command, env, timeout=600)

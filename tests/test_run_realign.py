@@ -21,19 +21,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def realign_argv(model: str, parallel_dirs: dict, output_dir: Path, *extra: str) -> list[str]:
     return [
-        "--model_name_or_path", model,
-        "--languages", "fra,yor,swa",
-        "--parallel_data_dir", str(parallel_dirs["train"]),
-        "--eval_parallel_data_dir", str(parallel_dirs["eval"]),
-        "--output_dir", str(output_dir),
-        "--max_steps", "30",
-        "--per_device_train_batch_size", "8",
-        "--learning_rate", "1e-3",
-        "--logging_steps", "5",
-        "--save_steps", "15",
+        "--model_name_or_path",
+        model,
+        "--languages",
+        "fra,yor,swa",
+        "--parallel_data_dir",
+        str(parallel_dirs["train"]),
+        "--eval_parallel_data_dir",
+        str(parallel_dirs["eval"]),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "30",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--logging_steps",
+        "5",
+        "--save_steps",
+        "15",
         "--use_cpu",
-        "--seed", "7",
-        "--cache_dir", str(output_dir.parent / "cache"),
+        "--seed",
+        "7",
+        "--cache_dir",
+        str(output_dir.parent / "cache"),
         *extra,
     ]
 
@@ -240,8 +252,9 @@ def test_group_by_length_pads_less(tiny_bert, parallel_dirs, tmp_path, monkeypat
 
 def test_unsupported_sampling_strategy_is_refused(tiny_bert, parallel_dirs, tmp_path, capsys):
     with pytest.raises(ValueError, match="train_sampling_strategy sequential is not available"):
-        run_realign.main(realign_argv(tiny_bert, parallel_dirs, tmp_path / "out", "--train_sampling_strategy",
-                                      "sequential"))
+        run_realign.main(
+            realign_argv(tiny_bert, parallel_dirs, tmp_path / "out", "--train_sampling_strategy", "sequential")
+        )
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         run_realign.main(["--help"])
@@ -272,12 +285,24 @@ def write_files(folder: Path, files: dict[str, str]) -> Path:
 def test_bad_parallel_files(files, match, tiny_bert, tmp_path):
     data = write_files(tmp_path / "data", files)
     out = tmp_path / "out"
-    argv = ["--model_name_or_path", tiny_bert, "--languages", "fra", "--parallel_data_dir", str(data),
-            "--output_dir", str(out), "--max_steps", "2", "--use_cpu"]
+    argv = [
+        "--model_name_or_path",
+        tiny_bert,
+        "--languages",
+        "fra",
+        "--parallel_data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--use_cpu",
+    ]
     with pytest.raises(ValueError, match=match):
         run_realign.main(argv)
-    assert not out.exists() or not any(p.suffix in (".safetensors", ".json") and p.name != run_realign.SETTINGS_FILE
-                                       for p in out.iterdir())
+    assert not out.exists() or not any(
+        p.suffix in (".safetensors", ".json") and p.name != run_realign.SETTINGS_FILE for p in out.iterdir()
+    )
 
 
 @pytest.mark.parametrize(
@@ -329,15 +354,39 @@ def test_a_non_finite_loss_stops_the_run_without_a_model(tiny_bert, parallel_dir
 
 
 def test_overlong_pairs_all_dropped(tiny_bert, parallel_dirs, tmp_path):
-    argv = ["--model_name_or_path", tiny_bert, "--languages", "fra", "--parallel_data_dir", str(parallel_dirs["train"]),
-            "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--use_cpu", "--max_seq_length", "4"]
+    argv = [
+        "--model_name_or_path",
+        tiny_bert,
+        "--languages",
+        "fra",
+        "--parallel_data_dir",
+        str(parallel_dirs["train"]),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--use_cpu",
+        "--max_seq_length",
+        "4",
+    ]
     with pytest.raises(ValueError, match="Every fra training pair was filtered out.*overlong"):
         run_realign.main(argv)
 
 
 def test_missing_language_file(tiny_bert, parallel_dirs, tmp_path):
-    argv = ["--model_name_or_path", tiny_bert, "--languages", "fra,deu", "--parallel_data_dir",
-            str(parallel_dirs["train"]), "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--use_cpu"]
+    argv = [
+        "--model_name_or_path",
+        tiny_bert,
+        "--languages",
+        "fra,deu",
+        "--parallel_data_dir",
+        str(parallel_dirs["train"]),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--use_cpu",
+    ]
     with pytest.raises(FileNotFoundError, match="No parallel file for deu"):
         run_realign.main(argv)
 
@@ -351,8 +400,18 @@ def test_missing_language_file(tiny_bert, parallel_dirs, tmp_path):
     ],
 )
 def test_bad_language_selection(spec, error, match, tiny_bert, parallel_dirs, tmp_path):
-    argv = ["--model_name_or_path", tiny_bert, *spec, "--parallel_data_dir", str(parallel_dirs["train"]),
-            "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--use_cpu"]
+    argv = [
+        "--model_name_or_path",
+        tiny_bert,
+        *spec,
+        "--parallel_data_dir",
+        str(parallel_dirs["train"]),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--use_cpu",
+    ]
     with pytest.raises(error, match=match):
         run_realign.main(argv)
     assert not (tmp_path / "out").exists()
@@ -361,8 +420,19 @@ def test_bad_language_selection(spec, error, match, tiny_bert, parallel_dirs, tm
 def test_malformed_subset_yaml(tiny_bert, parallel_dirs, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nlanguages: [fra, yor\n")
-    argv = ["--model_name_or_path", tiny_bert, "--subset", str(bad), "--parallel_data_dir", str(parallel_dirs["train"]),
-            "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--use_cpu"]
+    argv = [
+        "--model_name_or_path",
+        tiny_bert,
+        "--subset",
+        str(bad),
+        "--parallel_data_dir",
+        str(parallel_dirs["train"]),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--use_cpu",
+    ]
     with pytest.raises(ValueError, match="bad.yaml"):
         run_realign.main(argv)
     assert not (tmp_path / "out").exists()
@@ -374,13 +444,33 @@ def test_malformed_subset_yaml(tiny_bert, parallel_dirs, tmp_path):
 @pytest.mark.parametrize("gather", [False, True])
 def test_two_process_cpu_run(gather, tiny_bert, parallel_dirs, tmp_path):
     out = tmp_path / "out"
-    argv = realign_argv(tiny_bert, parallel_dirs, out, "--max_steps", "6", "--per_device_train_batch_size", "4",
-                        "--logging_steps", "2", "--save_steps", "100")
+    argv = realign_argv(
+        tiny_bert,
+        parallel_dirs,
+        out,
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "2",
+        "--save_steps",
+        "100",
+    )
     if gather:
         argv.append("--gather_negatives")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + gather), str(ROOT / "run_realign.py"), *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + gather),
+        str(ROOT / "run_realign.py"),
+        *argv,
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())

@@ -39,10 +39,14 @@ WIKIANN_NOT_IN_PAPER = {"amh", "ibo", "kin", "lin", "aym", "grn"}
 
 def paper_codes(task: str) -> dict[str, list[str]]:
     if task == "pos":
-        return {"udpos": [c for c in registry_configs("udpos") if c != "eng"],
-                "masakhapos": list(registry_configs("masakhapos"))}
-    return {"wikiann": [c for c in registry_configs("wikiann") if c != "eng" and c not in WIKIANN_NOT_IN_PAPER],
-            "masakhaner": list(registry_configs("masakhaner"))}
+        return {
+            "udpos": [c for c in registry_configs("udpos") if c != "eng"],
+            "masakhapos": list(registry_configs("masakhapos")),
+        }
+    return {
+        "wikiann": [c for c in registry_configs("wikiann") if c != "eng" and c not in WIKIANN_NOT_IN_PAPER],
+        "masakhaner": list(registry_configs("masakhaner")),
+    }
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
@@ -55,10 +59,32 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def tc_argv(task: str, model: str, data_dir: Path, out: Path, cache: Path, *extra: str) -> list[str]:
     return [
-        "--task", task, "--model_name_or_path", model, "--data_dir", str(data_dir), "--output_dir", str(out),
-        "--max_steps", "30", "--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--use_cpu",
-        "--seed", "7", "--save_steps", "100", "--logging_steps", "10", "--cache_dir", str(cache),
-        "--results_file", str(out / "results.csv"), *extra,
+        "--task",
+        task,
+        "--model_name_or_path",
+        model,
+        "--data_dir",
+        str(data_dir),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "30",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "5e-3",
+        "--use_cpu",
+        "--seed",
+        "7",
+        "--save_steps",
+        "100",
+        "--logging_steps",
+        "10",
+        "--cache_dir",
+        str(cache),
+        "--results_file",
+        str(out / "results.csv"),
+        *extra,
     ]
 
 
@@ -80,8 +106,11 @@ def check_keys_and_averages(metrics: dict, expected: dict[str, list[str]], metri
             mean = sum(per_language[(source, c)] for c in codes) / len(codes)
             assert metrics[f"eval_avg_{source}_{name}"] == pytest.approx(mean)
     # Nothing else is evaluated: one samples key per (source, language) plus English.
-    evaluated = {k.removeprefix("eval_").removesuffix("_samples") for k in metrics
-                 if k.startswith("eval_") and k.endswith("_samples")}
+    evaluated = {
+        k.removeprefix("eval_").removesuffix("_samples")
+        for k in metrics
+        if k.startswith("eval_") and k.endswith("_samples")
+    }
     assert evaluated == {f"{s}_{c}" for s, codes in expected.items() for c in codes} | {f"{next(iter(expected))}_eng"}
 
 
@@ -116,12 +145,16 @@ def test_pos_paper_set_end_to_end(tiny_xlmr, downstream_dir, cache_dir, tmp_path
 
 def test_ner_paper_set_end_to_end(tiny_bert, downstream_dir, cache_dir, tmp_path):
     out = tmp_path / "ner"
-    metrics = rtc.main(tc_argv("ner", tiny_bert, downstream_dir, out, cache_dir, "--max_steps", "60"))  # default: paper
+    metrics = rtc.main(
+        tc_argv("ner", tiny_bert, downstream_dir, out, cache_dir, "--max_steps", "60")
+    )  # default: paper
     expected = paper_codes("ner")
     assert len(expected["wikiann"]) == 47 and len(expected["masakhaner"]) == 20
     check_keys_and_averages(metrics, expected, ("f1", "precision", "recall"))
     # yor and swa are in both WikiANN and MasakhaNER: keyed per source, no collision.
-    assert {"eval_wikiann_yor_f1", "eval_masakhaner_yor_f1", "eval_wikiann_swa_f1", "eval_masakhaner_swa_f1"} <= set(metrics)
+    assert {"eval_wikiann_yor_f1", "eval_masakhaner_yor_f1", "eval_wikiann_swa_f1", "eval_masakhaner_swa_f1"} <= set(
+        metrics
+    )
     assert metrics["eval_wikiann_eng_f1"] > 0.5
     rows = read_rows(out / "results.csv")
     assert len(rows) == (67 + 1) * 3
@@ -129,18 +162,49 @@ def test_ner_paper_set_end_to_end(tiny_bert, downstream_dir, cache_dir, tmp_path
     assert sum(r["language"] == "yor" for r in rows) == 6
 
 
-def test_realigned_checkpoint_fine_tunes_as_linear_probe(tiny_bert, parallel_dirs, downstream_dir, cache_dir, tmp_path):
+def test_realigned_checkpoint_fine_tunes_as_linear_probe(
+    tiny_bert, parallel_dirs, downstream_dir, cache_dir, tmp_path
+):
     realigned = tmp_path / "realigned"
-    run_realign.main([
-        "--model_name_or_path", tiny_bert, "--languages", "fra,yor,swa", "--parallel_data_dir",
-        str(parallel_dirs["train"]), "--output_dir", str(realigned), "--max_steps", "4", "--use_cpu",
-        "--per_device_train_batch_size", "8", "--cache_dir", str(tmp_path / "cache"),
-    ])
+    run_realign.main(
+        [
+            "--model_name_or_path",
+            tiny_bert,
+            "--languages",
+            "fra,yor,swa",
+            "--parallel_data_dir",
+            str(parallel_dirs["train"]),
+            "--output_dir",
+            str(realigned),
+            "--max_steps",
+            "4",
+            "--use_cpu",
+            "--per_device_train_batch_size",
+            "8",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     out = tmp_path / "pos"
-    metrics = rtc.main(tc_argv("pos", str(realigned), downstream_dir, out, cache_dir, "--eval_languages", "yor",
-                               "--finetune_mode", "linear", "--max_steps", "5"))
+    metrics = rtc.main(
+        tc_argv(
+            "pos",
+            str(realigned),
+            downstream_dir,
+            out,
+            cache_dir,
+            "--eval_languages",
+            "yor",
+            "--finetune_mode",
+            "linear",
+            "--max_steps",
+            "5",
+        )
+    )
     assert {k for k in metrics if k.endswith("_accuracy") and "avg" not in k} == {
-        "eval_udpos_eng_accuracy", "eval_udpos_yor_accuracy", "eval_masakhapos_yor_accuracy"
+        "eval_udpos_eng_accuracy",
+        "eval_udpos_yor_accuracy",
+        "eval_masakhapos_yor_accuracy",
     }
     rows = read_rows(out / "results.csv")
     assert len(rows) == 3
@@ -156,12 +220,30 @@ def test_google_xtreme_udpos_naming(tiny_bert, downstream_dir, cache_dir, tmp_pa
     configs = rtc.source_configs(rtc.SOURCES["xtreme_udpos"])
     assert len(configs) == 33 and configs["eng"] == "udpos.English" and configs["ell"] == "udpos.Greek"
     assert "wol" not in configs and "lit" not in configs
-    metrics = rtc.main(tc_argv("pos", tiny_bert, downstream_dir, tmp_path / "out", cache_dir, "--udpos_dataset",
-                               "xtreme", "--eval_languages", "fra,yor", "--max_steps", "3", "--max_train_samples", "5",
-                               "--max_eval_samples", "1"))
+    metrics = rtc.main(
+        tc_argv(
+            "pos",
+            tiny_bert,
+            downstream_dir,
+            tmp_path / "out",
+            cache_dir,
+            "--udpos_dataset",
+            "xtreme",
+            "--eval_languages",
+            "fra,yor",
+            "--max_steps",
+            "3",
+            "--max_train_samples",
+            "5",
+            "--max_eval_samples",
+            "1",
+        )
+    )
     samples = {k: v for k, v in metrics.items() if k.endswith("_samples") and k.startswith("eval_")}
     assert samples == {
-        "eval_xtreme_udpos_eng_samples": 1, "eval_xtreme_udpos_fra_samples": 1, "eval_xtreme_udpos_yor_samples": 1,
+        "eval_xtreme_udpos_eng_samples": 1,
+        "eval_xtreme_udpos_fra_samples": 1,
+        "eval_xtreme_udpos_yor_samples": 1,
         "eval_masakhapos_yor_samples": 1,
     }
     assert metrics["train_samples"] == 5
@@ -176,11 +258,16 @@ def test_eval_language_resolution(caplog):
 
     assert len(targets(task="pos")) == 1 + 57 and len(targets(task="ner")) == 1 + 67
     assert targets(task="ner", eval_languages="yo,swa,wol") == [
-        ("wikiann", "eng", "en"), ("wikiann", "yor", "yo"), ("wikiann", "swa", "sw"),
-        ("masakhaner", "yor", "yor"), ("masakhaner", "swa", "swa"), ("masakhaner", "wol", "wol"),
+        ("wikiann", "eng", "en"),
+        ("wikiann", "yor", "yo"),
+        ("wikiann", "swa", "sw"),
+        ("masakhaner", "yor", "yor"),
+        ("masakhaner", "swa", "swa"),
+        ("masakhaner", "wol", "wol"),
     ]
     assert targets(task="ner", eval_languages="yor", eval_sources="masakhaner") == [
-        ("wikiann", "eng", "en"), ("masakhaner", "yor", "yor")
+        ("wikiann", "eng", "en"),
+        ("masakhaner", "yor", "yor"),
     ]
     with caplog.at_level("WARNING"):
         chosen = targets(task="pos", eval_languages="uriel_20")
@@ -194,7 +281,9 @@ def test_eval_language_resolution(caplog):
 def load_one(task: str, source: str, language: str, config: str, data_dir: Path, label_list: list[str]):
     data_args = rtc.DataArguments(task=task, data_dir=str(data_dir), eval_languages=language)
     model_args = rtc.ModelArguments(model_name_or_path="unused")
-    (eval_set,) = rtc.load_eval_data([downstream_utils.EvalTarget(source, language, config)], label_list, data_args, model_args)
+    (eval_set,) = rtc.load_eval_data(
+        [downstream_utils.EvalTarget(source, language, config)], label_list, data_args, model_args
+    )
     return eval_set.dataset
 
 
@@ -389,8 +478,11 @@ def test_hub_loading_routes_each_source_to_its_loader(tiny_bert, downstream_dir,
 
     def fake_load_hub_split(hub_id, config, split, *, parquet_branch=False, revision=None, cache_dir=None):
         calls.append((hub_id, config, split, parquet_branch, revision))
-        source = {"izhx/xtreme-r-udpos": "udpos", "unimelb-nlp/wikiann": "wikiann",
-                  "masakhane/masakhaner2": "masakhaner"}[hub_id]
+        source = {
+            "izhx/xtreme-r-udpos": "udpos",
+            "unimelb-nlp/wikiann": "wikiann",
+            "masakhane/masakhaner2": "masakhaner",
+        }[hub_id]
         path = downstream_utils.find_local_split(str(downstream_dir), source, config, split, (".parquet", ".jsonl"))
         return downstream_utils.read_local_table(path, str(cache_dir))
 
@@ -400,18 +492,41 @@ def test_hub_loading_routes_each_source_to_its_loader(tiny_bert, downstream_dir,
 
     monkeypatch.setattr(rtc, "load_hub_split", fake_load_hub_split)
     monkeypatch.setattr("datasets.utils.file_utils.cached_path", fake_cached_path)
-    argv = ["--model_name_or_path", tiny_bert, "--use_cpu", "--max_steps", "2", "--cache_dir", str(cache_dir),
-            "--results_file", "none"]
-    rtc.main(["--task", "ner", "--eval_languages", "yor", "--dataset_revisions", "wikiann=abc123",
-              "--output_dir", str(tmp_path / "ner"), *argv])
+    argv = [
+        "--model_name_or_path",
+        tiny_bert,
+        "--use_cpu",
+        "--max_steps",
+        "2",
+        "--cache_dir",
+        str(cache_dir),
+        "--results_file",
+        "none",
+    ]
+    rtc.main(
+        [
+            "--task",
+            "ner",
+            "--eval_languages",
+            "yor",
+            "--dataset_revisions",
+            "wikiann=abc123",
+            "--output_dir",
+            str(tmp_path / "ner"),
+            *argv,
+        ]
+    )
     assert calls == [
-        ("unimelb-nlp/wikiann", "en", "train", False, "abc123"), ("unimelb-nlp/wikiann", "en", "test", False, "abc123"),
-        ("unimelb-nlp/wikiann", "yo", "test", False, "abc123"), ("masakhane/masakhaner2", "yor", "test", True, None),
+        ("unimelb-nlp/wikiann", "en", "train", False, "abc123"),
+        ("unimelb-nlp/wikiann", "en", "test", False, "abc123"),
+        ("unimelb-nlp/wikiann", "yo", "test", False, "abc123"),
+        ("masakhane/masakhaner2", "yor", "test", True, None),
     ]
     calls.clear()
     rtc.main(["--task", "pos", "--eval_languages", "hau", "--output_dir", str(tmp_path / "pos"), *argv])
     assert calls == [
-        ("izhx/xtreme-r-udpos", "en", "train", False, None), ("izhx/xtreme-r-udpos", "en", "test", False, None),
+        ("izhx/xtreme-r-udpos", "en", "train", False, None),
+        ("izhx/xtreme-r-udpos", "en", "test", False, None),
         "https://raw.githubusercontent.com/masakhane-io/masakhane-pos/main/data/hau/test.txt",
     ]
 
@@ -428,11 +543,17 @@ def test_parquet_branch_layouts(downstream_dir, cache_dir, tmp_path, monkeypatch
         return str(snapshot)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
-    test = downstream_utils.load_hub_split("masakhane/masakhaner2", "yor", "test", parquet_branch=True, cache_dir=str(cache_dir))
-    assert test.features["ner_tags"].feature.names[-1] == "I-DATE" and test[0]["tokens"] == MASAKHANER_CRAFTED["tokens"]
+    test = downstream_utils.load_hub_split(
+        "masakhane/masakhaner2", "yor", "test", parquet_branch=True, cache_dir=str(cache_dir)
+    )
+    assert (
+        test.features["ner_tags"].feature.names[-1] == "I-DATE" and test[0]["tokens"] == MASAKHANER_CRAFTED["tokens"]
+    )
     assert requests[0][:3] == ("masakhane/masakhaner2", "dataset", "refs/convert/parquet")
     assert "yor/test/*.parquet" in requests[0][3]
-    train = downstream_utils.load_hub_split("masakhane/masakhaner2", "yor", "train", parquet_branch=True, revision="abc")
+    train = downstream_utils.load_hub_split(
+        "masakhane/masakhaner2", "yor", "train", parquet_branch=True, revision="abc"
+    )
     assert len(train) == 2 and requests[1][2] == "abc"
     with pytest.raises(FileNotFoundError, match="no parquet files for config 'yor', split 'validation'"):
         downstream_utils.load_hub_split("masakhane/masakhaner2", "yor", "validation", parquet_branch=True)
@@ -440,10 +561,13 @@ def test_parquet_branch_layouts(downstream_dir, cache_dir, tmp_path, monkeypatch
 
 def test_evaluation_only_run_of_a_fine_tuned_model(tiny_bert, downstream_dir, cache_dir, tmp_path):
     tuned = tmp_path / "tuned"
-    rtc.main(tc_argv("pos", tiny_bert, downstream_dir, tuned, cache_dir, "--eval_languages", "eng", "--max_steps", "2"))
+    rtc.main(
+        tc_argv("pos", tiny_bert, downstream_dir, tuned, cache_dir, "--eval_languages", "eng", "--max_steps", "2")
+    )
     out = tmp_path / "eval-only"
-    metrics = rtc.main(tc_argv("pos", str(tuned), downstream_dir, out, cache_dir, "--eval_languages", "wol",
-                               "--do_train", "False"))
+    metrics = rtc.main(
+        tc_argv("pos", str(tuned), downstream_dir, out, cache_dir, "--eval_languages", "wol", "--do_train", "False")
+    )
     first = json.loads((tuned / "all_results.json").read_text())
     assert metrics["eval_udpos_eng_accuracy"] == pytest.approx(first["eval_udpos_eng_accuracy"])
     assert {"eval_udpos_wol_accuracy", "eval_masakhapos_wol_accuracy"} <= set(metrics)

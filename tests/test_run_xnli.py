@@ -54,10 +54,30 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def nli_argv(model: str, data_dir: Path, out: Path, cache: Path, *extra: str) -> list[str]:
     return [
-        "--model_name_or_path", model, "--data_dir", str(data_dir), "--output_dir", str(out), "--max_steps", "12",
-        "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--use_cpu", "--seed", "7",
-        "--save_steps", "100", "--logging_steps", "4", "--cache_dir", str(cache),
-        "--results_file", str(out / "results.csv"), *extra,
+        "--model_name_or_path",
+        model,
+        "--data_dir",
+        str(data_dir),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "12",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--use_cpu",
+        "--seed",
+        "7",
+        "--save_steps",
+        "100",
+        "--logging_steps",
+        "4",
+        "--cache_dir",
+        str(cache),
+        "--results_file",
+        str(out / "results.csv"),
+        *extra,
     ]
 
 
@@ -110,8 +130,17 @@ def test_label_and_column_mapping_per_source(downstream_dir):
 
 
 def test_string_labels_are_matched_case_insensitively(tmp_path):
-    rows = [{"genre": "x", "label": label, "sentence1_en": "a", "sentence2_en": "b", "sentence1_my": "က",
-             "sentence2_my": "ခ"} for label in ("Entailment ", "NEUTRAL", "contradiction")]
+    rows = [
+        {
+            "genre": "x",
+            "label": label,
+            "sentence1_en": "a",
+            "sentence2_en": "b",
+            "sentence1_my": "က",
+            "sentence2_my": "ခ",
+        }
+        for label in ("Entailment ", "NEUTRAL", "contradiction")
+    ]
     rows[1]["sentence1_my"] = None  # a null text is read as an empty string (with a warning), not a crash
     write_jsonl(tmp_path / "myxnli" / "default" / "test.jsonl", rows)
     dataset = load_one("myxnli", "mya", "default", tmp_path).dataset
@@ -120,8 +149,18 @@ def test_string_labels_are_matched_case_insensitively(tmp_path):
 
 def test_resume_after_interruption_and_linear_probe(tiny_bert, downstream_dir, cache_dir, tmp_path, crash_after):
     out = tmp_path / "out"
-    argv = nli_argv(tiny_bert, downstream_dir, out, cache_dir, "--eval_languages", "eng", "--save_steps", "4",
-                    "--finetune_mode", "linear")
+    argv = nli_argv(
+        tiny_bert,
+        downstream_dir,
+        out,
+        cache_dir,
+        "--eval_languages",
+        "eng",
+        "--save_steps",
+        "4",
+        "--finetune_mode",
+        "linear",
+    )
     with crash_after(Trainer, 6):
         run_xnli.main(argv)
     assert (out / "checkpoint-4").is_dir() and not (out / "model.safetensors").exists()
@@ -239,16 +278,36 @@ def test_hub_loading_routes_each_source_to_its_loader(tiny_bert, downstream_dir,
     def fake_load_hub_split(hub_id, config, split, *, parquet_branch=False, revision=None, cache_dir=None):
         calls.append((hub_id, config, split, parquet_branch, revision))
         source = {s.hub_id: name for name, s in run_xnli.SOURCES.items()}[hub_id]
-        path = downstream_utils.find_local_split(str(downstream_dir), source, config, split, (".parquet", ".jsonl", ".tsv"))
+        path = downstream_utils.find_local_split(
+            str(downstream_dir), source, config, split, (".parquet", ".jsonl", ".tsv")
+        )
         return downstream_utils.read_local_table(path, str(cache_dir))
 
     monkeypatch.setattr(run_xnli, "load_hub_split", fake_load_hub_split)
-    metrics = run_xnli.main(["--model_name_or_path", tiny_bert, "--output_dir", str(tmp_path / "o"), "--use_cpu",
-                             "--max_steps", "2", "--cache_dir", str(cache_dir), "--results_file", "none",
-                             "--eval_languages", "ind,mya,yor,gn", "--dataset_revisions", "afrixnli=abc"])
+    metrics = run_xnli.main(
+        [
+            "--model_name_or_path",
+            tiny_bert,
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--use_cpu",
+            "--max_steps",
+            "2",
+            "--cache_dir",
+            str(cache_dir),
+            "--results_file",
+            "none",
+            "--eval_languages",
+            "ind,mya,yor,gn",
+            "--dataset_revisions",
+            "afrixnli=abc",
+        ]
+    )
     assert calls == [
-        ("facebook/xnli", "en", "train", False, None), ("facebook/xnli", "en", "test", False, None),
-        ("masakhane/afrixnli", "yor", "test", False, "abc"), ("nala-cub/americas_nli", "gn", "test", False, None),
+        ("facebook/xnli", "en", "train", False, None),
+        ("facebook/xnli", "en", "test", False, None),
+        ("masakhane/afrixnli", "yor", "test", False, "abc"),
+        ("nala-cub/americas_nli", "gn", "test", False, None),
         ("afaji/indonli", "indonli", "test_expert", True, None),
         ("akhtet/myanmar-xnli", "default", "test", False, run_xnli.MYXNLI_REVISION),
     ]
@@ -258,11 +317,30 @@ def test_hub_loading_routes_each_source_to_its_loader(tiny_bert, downstream_dir,
 def test_two_process_run_writes_one_set_of_results(tiny_bert, downstream_dir, tmp_path):
     """Under torchrun both processes train and evaluate together; rank 0 alone writes all_results.json and the rows."""
     out = tmp_path / "out"
-    argv = nli_argv(tiny_bert, downstream_dir, out, tmp_path / "cache", "--eval_languages", "yor,swa,quy",
-                    "--max_steps", "4", "--per_device_train_batch_size", "4")
+    argv = nli_argv(
+        tiny_bert,
+        downstream_dir,
+        out,
+        tmp_path / "cache",
+        "--eval_languages",
+        "yor,swa,quy",
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
-           str(ROOT / "run_xnli.py"), *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29611",
+        str(ROOT / "run_xnli.py"),
+        *argv,
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "all_results.json").read_text())
@@ -270,7 +348,11 @@ def test_two_process_run_writes_one_set_of_results(tiny_bert, downstream_dir, tm
     with open(out / "results.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["source"], r["language"]) for r in rows) == [
-        ("afrixnli", "swa"), ("afrixnli", "yor"), ("americasnli", "quy"), ("xnli", "eng"), ("xnli", "swa"),
+        ("afrixnli", "swa"),
+        ("afrixnli", "yor"),
+        ("americasnli", "quy"),
+        ("xnli", "eng"),
+        ("xnli", "swa"),
     ]
 
 
@@ -345,6 +427,7 @@ def test_shared_copies_agree():
     assert downstream_utils.REALIGN_CONFIG_FILE == run_realign.CONFIG_FILE
     # Its settings file name too: the guard of every script refuses a folder holding another script's run.
     assert realign_utils.REALIGN_SETTINGS_FILE == run_realign.SETTINGS_FILE
+
     # Both downstream scripts declare the same model arguments and the paper's settings, epochs and save interval aside.
     def fields(cls):
         return [(f.name, f.default, f.metadata["help"]) for f in dataclasses.fields(cls)]
@@ -354,8 +437,19 @@ def test_shared_copies_agree():
     tc, nli = run_token_classification.PAPER_TRAINING_DEFAULTS, run_xnli.PAPER_TRAINING_DEFAULTS
     assert {k: v for k, v in tc.items() if k not in differing} == {k: v for k, v in nli.items() if k not in differing}
     assert (tc["num_train_epochs"], nli["num_train_epochs"]) == (5, 2)
-    shared = {"eval_languages", "eval_sources", "data_dir", "dataset_revisions", "max_seq_length", "eval_max_seq_length",
-              "max_train_samples", "max_eval_samples", "preprocessing_num_workers", "overwrite_cache", "results_file"}
+    shared = {
+        "eval_languages",
+        "eval_sources",
+        "data_dir",
+        "dataset_revisions",
+        "max_seq_length",
+        "eval_max_seq_length",
+        "max_train_samples",
+        "max_eval_samples",
+        "preprocessing_num_workers",
+        "overwrite_cache",
+        "results_file",
+    }
     assert shared <= {f.name for f in dataclasses.fields(run_xnli.DataArguments)}
     assert shared <= {f.name for f in dataclasses.fields(run_token_classification.DataArguments)}
     assert run_xnli.run_settings.__doc__ == run_token_classification.run_settings.__doc__

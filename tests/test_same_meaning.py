@@ -62,8 +62,10 @@ def test_two_pairs_sharing_english_by_hand():
     e1, e2 = [1.0, 0.0], [0.0, 1.0]
     src = torch.tensor([e1, e1, e2])
     keys = torch.tensor([5, 5, 6])
-    losses = {t: contrastive_alignment_loss(src, src.clone(), 1.0, meaning_keys=keys, same_meaning=t)[0].item()
-              for t in TREATMENTS}
+    losses = {
+        t: contrastive_alignment_loss(src, src.clone(), 1.0, meaning_keys=keys, same_meaning=t)[0].item()
+        for t in TREATMENTS
+    }
     e = math.e
     # rows of pairs 0/1 (4 rows): candidates e, e, e (same meaning) and 1, 1; rows of pair 2 (2 rows): e and 1 × 4.
     negative = (4 * -math.log(e / (3 * e + 2)) + 2 * -math.log(e / (e + 4))) / 6
@@ -78,8 +80,10 @@ def test_language_neutral_embeddings_reach_zero_loss_on_multi_way_batches():
     meanings = torch.eye(3)
     keys = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2])
     src = meanings[keys]
-    losses = {t: contrastive_alignment_loss(src, src.clone(), 0.05, meaning_keys=keys, same_meaning=t)[0].item()
-              for t in TREATMENTS}
+    losses = {
+        t: contrastive_alignment_loss(src, src.clone(), 0.05, meaning_keys=keys, same_meaning=t)[0].item()
+        for t in TREATMENTS
+    }
     assert losses["positive"] < 1e-6
     assert losses["ignore"] < 1e-6
     assert losses["negative"] > 1.0  # log of 4–6 same-meaning candidates
@@ -108,8 +112,15 @@ def test_gathered_keys_equal_the_global_batch(treatment):
     full, _ = contrastive_alignment_loss(src, tgt, 0.1, meaning_keys=keys, same_meaning=treatment)
     local = [
         contrastive_alignment_loss(
-            src[3 * r : 3 * r + 3], tgt[3 * r : 3 * r + 3], 0.1, all_src_embeddings=src, all_tgt_embeddings=tgt,
-            rank=r, meaning_keys=keys[3 * r : 3 * r + 3], all_meaning_keys=keys, same_meaning=treatment,
+            src[3 * r : 3 * r + 3],
+            tgt[3 * r : 3 * r + 3],
+            0.1,
+            all_src_embeddings=src,
+            all_tgt_embeddings=tgt,
+            rank=r,
+            meaning_keys=keys[3 * r : 3 * r + 3],
+            all_meaning_keys=keys,
+            same_meaning=treatment,
         )[0]
         for r in range(2)
     ]
@@ -145,7 +156,9 @@ def test_fp16_and_gradients(treatment):
 
 def test_every_query_without_negatives_gives_zero_not_nan():
     src = torch.randn(3, 4, requires_grad=True)
-    loss, _ = contrastive_alignment_loss(src, src * 2, 0.1, meaning_keys=torch.tensor([1, 1, 1]), same_meaning="positive")
+    loss, _ = contrastive_alignment_loss(
+        src, src * 2, 0.1, meaning_keys=torch.tensor([1, 1, 1]), same_meaning="positive"
+    )
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(src.grad).all()
 
@@ -204,9 +217,29 @@ def test_training_logs_same_meaning_candidates(treatment, tiny_bert, tmp_path):
 
     write_multi_way(tmp_path / "data", PARALLEL[:12], with_ids=treatment == "ignore")
     out = tmp_path / "out"
-    argv = ["--model_name_or_path", tiny_bert, "--languages", "fra,yor", "--parallel_data_dir", str(tmp_path / "data"),
-            "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "8", "--logging_steps", "3",
-            "--learning_rate", "1e-3", "--use_cpu", "--seed", "3", "--same_meaning", treatment]
+    argv = [
+        "--model_name_or_path",
+        tiny_bert,
+        "--languages",
+        "fra,yor",
+        "--parallel_data_dir",
+        str(tmp_path / "data"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "8",
+        "--logging_steps",
+        "3",
+        "--learning_rate",
+        "1e-3",
+        "--use_cpu",
+        "--seed",
+        "3",
+        "--same_meaning",
+        treatment,
+    ]
     run_realign.main(argv)
     logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert len(logs) == 2

@@ -195,8 +195,9 @@ def test_family_and_script_pick_distinct_groups(registry, fake_distances):
     script = sl.select(registry, "script", "all", 8, fake_distances, SOLVER_ARGS, seed=0)
     scripts = [registry.languages[c].script for c in script.languages]
     assert len(set(scripts)) == 8 and "Latin" not in scripts
-    wide = sl.select(registry, "family", "all", 26, fake_distances, SOLVER_ARGS, seed=0,
-                     family_include_indo_european=True)
+    wide = sl.select(
+        registry, "family", "all", 26, fake_distances, SOLVER_ARGS, seed=0, family_include_indo_european=True
+    )
     assert len({sl.family_label(registry.languages[c]) for c in wide.languages}) == 26
     assert not any(registry.languages[c].family == "Germanic" for c in wide.languages)  # English holds Germanic
 

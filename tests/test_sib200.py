@@ -29,10 +29,32 @@ def sib_dir(tmp_path_factory) -> Path:
 
 def sib_argv(model: str, data_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--task", "sib200", "--model_name_or_path", model, "--data_dir", str(data_dir), "--output_dir", str(out),
-        "--max_steps", "12", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--use_cpu",
-        "--seed", "7", "--save_steps", "100", "--logging_steps", "4", "--cache_dir", str(out.parent / "cache"),
-        "--results_file", str(out / "results.csv"), *extra,
+        "--task",
+        "sib200",
+        "--model_name_or_path",
+        model,
+        "--data_dir",
+        str(data_dir),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "12",
+        "--per_device_train_batch_size",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--use_cpu",
+        "--seed",
+        "7",
+        "--save_steps",
+        "100",
+        "--logging_steps",
+        "4",
+        "--cache_dir",
+        str(out.parent / "cache"),
+        "--results_file",
+        str(out / "results.csv"),
+        *extra,
     ]
 
 
@@ -56,8 +78,19 @@ def test_sib200_paper_languages_end_to_end(tiny_xlmr, sib_dir, tmp_path):
 
 def test_sib200_listed_languages_linear_probe(tiny_bert, sib_dir, tmp_path):
     out = tmp_path / "linear"
-    metrics = run_xnli.main(sib_argv(tiny_bert, sib_dir, out, "--eval_languages", "yor,swh,zho,quy,bbj",
-                                     "--finetune_mode", "linear", "--max_steps", "4"))
+    metrics = run_xnli.main(
+        sib_argv(
+            tiny_bert,
+            sib_dir,
+            out,
+            "--eval_languages",
+            "yor,swh,zho,quy,bbj",
+            "--finetune_mode",
+            "linear",
+            "--max_steps",
+            "4",
+        )
+    )
     # Aliases resolve (swh → swa), languages SIB-200 lacks (bbj) are skipped with a warning.
     assert set(registry_configs("sib200")) >= {"yor", "swa", "zho", "quy"} and "bbj" not in registry_configs("sib200")
     evaluated = {k.split("_")[2] for k in metrics if k.startswith("eval_sib200_") and k.endswith("_accuracy")}
@@ -103,18 +136,40 @@ def test_hub_loading_reads_davlan_sib200(tiny_bert, sib_dir, tmp_path, monkeypat
         return downstream_utils.read_local_table(path)
 
     monkeypatch.setattr(run_xnli, "load_hub_split", fake_load_hub_split)
-    run_xnli.main(["--task", "sib200", "--model_name_or_path", tiny_bert, "--output_dir", str(tmp_path / "o"),
-                   "--use_cpu", "--max_steps", "2", "--results_file", "none", "--eval_languages", "yor,swa,quy"])
-    assert calls == [("Davlan/sib200", "eng_Latn", "train"), ("Davlan/sib200", "eng_Latn", "test"),
-                     ("Davlan/sib200", "yor_Latn", "test"), ("Davlan/sib200", "swh_Latn", "test"),
-                     ("Davlan/sib200", "quy_Latn", "test")]
+    run_xnli.main(
+        [
+            "--task",
+            "sib200",
+            "--model_name_or_path",
+            tiny_bert,
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--use_cpu",
+            "--max_steps",
+            "2",
+            "--results_file",
+            "none",
+            "--eval_languages",
+            "yor,swa,quy",
+        ]
+    )
+    assert calls == [
+        ("Davlan/sib200", "eng_Latn", "train"),
+        ("Davlan/sib200", "eng_Latn", "test"),
+        ("Davlan/sib200", "yor_Latn", "test"),
+        ("Davlan/sib200", "swh_Latn", "test"),
+        ("Davlan/sib200", "quy_Latn", "test"),
+    ]
 
 
 @pytest.mark.parametrize(
     "argv, match",
     [
         (["--task", "topics"], "--task must be one of nli, sib200"),
-        (["--task", "sib200", "--eval_sources", "xnli"], r"unknown source\(s\) \['xnli'\]; the SIB200 sources are sib200"),
+        (
+            ["--task", "sib200", "--eval_sources", "xnli"],
+            r"unknown source\(s\) \['xnli'\]; the SIB200 sources are sib200",
+        ),
     ],
 )
 def test_bad_task_arguments(argv, match, tmp_path):

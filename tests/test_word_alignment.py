@@ -22,6 +22,7 @@ from word_alignment import extract_word_links, is_word, split_words, word_token_
 def word_extensions(**kwargs) -> RealignExtensions:
     return RealignExtensions(ExtensionArguments(alignment="word", **kwargs), -1, 0.1, "positive")
 
+
 EN = "The child reads a book."
 FR = "L'enfant lit un livre."
 
@@ -83,11 +84,21 @@ def test_tokenize_pairs_maps_links_to_subword_spans(tiny_bert, tmp_path):
     data = datasets.Dataset.from_dict({"src": [EN], "tgt": [FR], "word_links": [[[1, 2], [4, 5], [9, 9]]]})
     extensions = word_extensions()
     tokenized, counts = run_realign.tokenize_pairs(
-        data, "fra", tokenizer, run_realign.DataArguments(languages="fra"), run_realign.RealignArguments(),
-        str(tmp_path), "x", extensions=extensions, alignment_digest="crafted",
+        data,
+        "fra",
+        tokenizer,
+        run_realign.DataArguments(languages="fra"),
+        run_realign.RealignArguments(),
+        str(tmp_path),
+        "x",
+        extensions=extensions,
+        alignment_digest="crafted",
     )
     row = tokenized[0]
-    src, tgt = tokenizer.convert_ids_to_tokens(row["src_input_ids"]), tokenizer.convert_ids_to_tokens(row["tgt_input_ids"])
+    src, tgt = (
+        tokenizer.convert_ids_to_tokens(row["src_input_ids"]),
+        tokenizer.convert_ids_to_tokens(row["tgt_input_ids"]),
+    )
     spans = row["word_spans"]
     assert len(spans) == 2  # the out-of-range link (9, 9) is dropped
     (s0, s1, t0, t1), (u0, u1, v0, v1) = spans
@@ -107,7 +118,13 @@ def test_default_path_has_no_word_columns(tiny_bert, tmp_path):
     tokenized, _ = run_realign.tokenize_pairs(
         data, "fra", tokenizer, run_realign.DataArguments(languages="fra"), args, str(tmp_path), "x"
     )
-    assert sorted(tokenized.column_names) == ["meaning_key", "src_input_ids", "src_n_words", "tgt_input_ids", "tgt_n_words"]
+    assert sorted(tokenized.column_names) == [
+        "meaning_key",
+        "src_input_ids",
+        "src_n_words",
+        "tgt_input_ids",
+        "tgt_n_words",
+    ]
     default = RealignExtensions(ExtensionArguments(), -1, 0.1, "positive")
     assert default.cache_key(None) == [] and default.loss_terms(tokenizer, None, None) == {}
     batch = PairCollator(tokenizer.pad_token_id, extra_columns=default.collate)([dict(tokenized[0], lang_id=0)] * 2)
@@ -151,8 +168,23 @@ def test_word_alignment_end_to_end(tiny_xlmr, parallel_dirs, tmp_path):
     from test_run_realign import logged_losses, realign_argv
 
     out = tmp_path / "out"
-    metrics = run_realign.main(realign_argv(tiny_xlmr, parallel_dirs, out, "--alignment", "word", "--subword_pooling",
-                                            "mean", "--max_steps", "16", "--logging_steps", "4", "--save_steps", "100"))
+    metrics = run_realign.main(
+        realign_argv(
+            tiny_xlmr,
+            parallel_dirs,
+            out,
+            "--alignment",
+            "word",
+            "--subword_pooling",
+            "mean",
+            "--max_steps",
+            "16",
+            "--logging_steps",
+            "4",
+            "--save_steps",
+            "100",
+        )
+    )
     losses = logged_losses(out)
     assert losses[-1] < losses[0], losses
     state = json.loads((out / "trainer_state.json").read_text())
@@ -171,8 +203,16 @@ def test_bad_alignment_options(tiny_bert, tmp_path):
         ExtensionArguments(alignment="phrase")
     with pytest.raises(ValueError, match="--subword_pooling"):
         ExtensionArguments(alignment="word", subword_pooling="last")
-    argv = ["--model_name_or_path", tiny_bert, "--languages", "fra", "--output_dir", str(tmp_path / "out"),
-            "--alignment", "word"]
+    argv = [
+        "--model_name_or_path",
+        tiny_bert,
+        "--languages",
+        "fra",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--alignment",
+        "word",
+    ]
     with pytest.raises(ValueError, match="--gather_negatives and --length_buckets work with --alignment sentence"):
         run_realign.parse_realign_args([*argv, "--gather_negatives"])
 
@@ -185,9 +225,25 @@ def test_only_the_capped_pairs_are_aligned(tiny_bert, parallel_dirs, tmp_path, m
         return [[[0, 0]] for _ in src], f"fake-{len(src)}"
 
     monkeypatch.setattr(word_alignment, "extract_word_links", fake_links)
-    argv = ["--model_name_or_path", tiny_bert, "--languages", "fra,yor", "--parallel_data_dir",
-            str(parallel_dirs["train"]), "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--use_cpu",
-            "--alignment", "word", "--max_pairs_per_language", "5", "--cache_dir", str(tmp_path / "cache")]
+    argv = [
+        "--model_name_or_path",
+        tiny_bert,
+        "--languages",
+        "fra,yor",
+        "--parallel_data_dir",
+        str(parallel_dirs["train"]),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "1",
+        "--use_cpu",
+        "--alignment",
+        "word",
+        "--max_pairs_per_language",
+        "5",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     run_realign.main(argv)
     assert seen == [5, 5]  # not the 18 pairs of each file
     config = json.loads((tmp_path / "out" / run_realign.CONFIG_FILE).read_text())
