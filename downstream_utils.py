@@ -131,7 +131,8 @@ SPLIT_FILE_ALIASES = {"validation": ("dev",)}
 
 
 def find_local_split(data_dir: str, source: str, config: str, split: str, extensions: Iterable[str]) -> Path:
-    """The local file of one split: `data_dir/<source>/<config>/<split>.<ext>`, or a folder `<split>/` of parquet shards.
+    """The local file of one split: `data_dir/<source>/<config>/<split>.<ext>`, or a folder `<split>/` of parquet
+    shards.
 
     The folder form is the layout of a Hub `refs/convert/parquet` branch, so a downloaded snapshot can be used as is.
     With `.conllu` among `extensions`, a UD treebank's own file name `<treebank>-ud-<split>.conllu` (e.g.

@@ -3,15 +3,14 @@
 "Why Better Cross-Lingual Alignment Fails for Better Cross-Lingual Transfer" combines the contrastive alignment loss
 with other terms, λ_A·L_align + λ_B·L_bow + λ_M·L_mlm (`--loss_weights align=…,bow=…,mlm=…`), and the paper's
 Appendix A.2 aligns eflomal word pairs instead of averaged sentences (`--alignment word`). `ExtensionArguments`
-holds their flags; `run_realign.py` builds one `RealignExtensions` from them and calls it at five places:
+holds their flags; `run_realign.py` builds one `RealignExtensions` from them and calls it at five places (where in
+`run_realign.py` → `RealignExtensions` method: what it adds):
 
-| where in run_realign.py             | RealignExtensions                | what it adds                                   |
-|-------------------------------------|----------------------------------|------------------------------------------------|
-| `build_datasets`, per language      | `prepare_language`               | eflomal word links (`--alignment word`)        |
-| `tokenize_pairs`                    | `token_columns`, `cache_key`     | `word_spans`; the concatenated pairs of `bow`  |
-| `PairCollator(extra_columns=...)`   | `collate`                        | those columns as batch tensors                 |
-| `load_encoder`                      | `attach_heads`, `needs_last_layer` | the pre-trained MLM head of `mlm`            |
-| `RealignTrainer(extra_loss_terms=)` | `loss_terms`                     | `(model, inputs) -> (loss, stats)` callables   |
+- `build_datasets`, per language → `prepare_language`: eflomal word links (`--alignment word`)
+- `tokenize_pairs` → `token_columns`, `cache_key`: `word_spans`; the concatenated pairs of `bow`
+- `PairCollator(extra_columns=...)` → `collate`: those columns as batch tensors
+- `load_encoder` → `attach_heads`, `needs_last_layer`: the pre-trained MLM head of `mlm`
+- `RealignTrainer(extra_loss_terms=)` → `loss_terms`: `(model, inputs) -> (loss, stats)` callables
 
 To add a loss term: write the tensor function in `realign_losses.py`, add its weight name to `LOSS_TERMS`, return
 its callable from `RealignExtensions.loss_terms`, and, if it needs batch columns, build them in `token_columns` and

@@ -1,10 +1,10 @@
 """Plumbing shared by the scripts of this folder, in the spirit of transformers' `utils_qa.py`.
 
 Only what is identical across scripts and rarely changed lives here: `--config` YAML parsing, logging set-up, resuming
-(from the newest complete checkpoint, or not at all for a finished run), the settings guard of an `output_dir`, sentence
-pooling and padding, retrieval metrics, local parallel files, results writing and Hub uploads. The downstream scripts'
-own plumbing is in `downstream_utils.py`. Everything a user is expected to adapt (preprocessing, label alignment,
-losses, metrics, Trainer subclasses) stays in the scripts.
+(from the newest complete checkpoint, or not at all for a finished run), the settings guard of an `output_dir`,
+sentence pooling and padding, retrieval metrics, local parallel files, results writing and Hub uploads. The downstream
+scripts' own plumbing is in `downstream_utils.py`. Everything a user is expected to adapt (preprocessing, label
+alignment, losses, metrics, Trainer subclasses) stays in the scripts.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ REPO_ROOT = Path(__file__).resolve().parent
 RESULTS_COLUMNS = ["timestamp", "model", "subset", "seed", "task", "source", "language", "metric", "value", "run_dir"]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Arguments
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(
@@ -438,9 +438,9 @@ def asdict_public(obj: Any) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(obj).items() if not k.startswith("_")}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Sentence representations and retrieval
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def masked_mean_pool(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -477,7 +477,8 @@ def content_token_mask(
 
 
 def pooling_special_ids(tokenizer) -> torch.Tensor:
-    """The token ids that sentence pooling leaves out: the structural special tokens ([CLS], [SEP], <s>, </s>, padding).
+    """The token ids that sentence pooling leaves out: the structural special tokens ([CLS], [SEP], <s>, </s>,
+    padding).
 
     Unknown-word tokens ([UNK], <unk>) and a literal [MASK] stay in: they stand for text of the sentence (in a
     low-resource language, often a whole word the vocabulary lacks), and leaving them out would pool a sentence of
@@ -562,9 +563,9 @@ def encode_layers(
     return {layer: torch.stack(vectors) if vectors else torch.empty(0) for layer, vectors in out.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Local parallel files (run_realign.py's --parallel_data_dir, analyze_alignment.py's --parallel_data)
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 # Keys of the English side in a JSON-lines 'translation' dict or a TSV header.
 ENGLISH_KEYS = ("en", "eng")
@@ -644,8 +645,8 @@ def read_text_lines(path: str | Path):
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise ValueError(
-                    f"{path}:{lineno}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}). Convert "
-                    "the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+                    f"{path}:{lineno}: not valid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}). "
+                    "Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)."
                 ) from None
             if lineno == 1:
                 line = line.removeprefix("\ufeff")
@@ -703,8 +704,8 @@ def _read_jsonl_pairs(path: Path) -> dict[str, list[str]]:
             english, other, identifier = _pair_fields(record)
         except (json.JSONDecodeError, ValueError) as err:
             raise ValueError(
-                f"{path}:{lineno}: expected a JSON object with a 'translation' dict holding an 'en' (or 'eng') key and "
-                f"one other language key, both strings, and optionally a string or integer 'id' ({err})."
+                f"{path}:{lineno}: expected a JSON object with a 'translation' dict holding an 'en' (or 'eng') key "
+                f"and one other language key, both strings, and optionally a string or integer 'id' ({err})."
             ) from None
         if with_id is None:
             with_id = identifier is not None
@@ -771,9 +772,9 @@ _READERS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Results
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -854,7 +855,8 @@ def append_results(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
             reader = csv.DictReader(f)
             if reader.fieldnames != RESULTS_COLUMNS:
                 raise ValueError(
-                    f"{path} has columns {reader.fieldnames}, expected {RESULTS_COLUMNS}. Write to a new --results_file."
+                    f"{path} has columns {reader.fieldnames}, expected {RESULTS_COLUMNS}. "
+                    "Write to a new --results_file."
                 )
             existing = list(reader)
 
@@ -919,9 +921,9 @@ SETTINGS_FILES = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Hub uploads
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 # What an upload carries: what a reader of the model card needs (the model, its tokenizer, the card). The run's own
 # records (training_args.bin, *_settings.json, trainer_state.json, results files) hold local paths and stay local,

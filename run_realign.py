@@ -117,8 +117,8 @@ class ModelArguments:
     freeze_word_embeddings: bool = field(
         default=False,
         metadata={
-            "help": "Whether to keep the word-embedding matrix fixed. It saves memory and time (XLM-R's matrix has 250k "
-            "rows) and keeps the vocabulary of unseen languages where pre-training left it."
+            "help": "Whether to keep the word-embedding matrix fixed. It saves memory and time (XLM-R's matrix has "
+            "250k rows) and keeps the vocabulary of unseen languages where pre-training left it."
         },
     )
 
@@ -128,8 +128,8 @@ class DataArguments:
     subset: str | None = field(
         default=None,
         metadata={
-            "help": "The languages to realign with: a subset YAML (subsets/uriel_20.yaml) or its bare name (uriel_20). "
-            "Random subsets are drawn with --seed, as in the paper."
+            "help": "The languages to realign with: a subset YAML (subsets/uriel_20.yaml) or its bare name "
+            "(uriel_20). Random subsets are drawn with --seed, as in the paper."
         },
     )
     languages: str | None = field(
@@ -175,8 +175,9 @@ class DataArguments:
         default="uniform",
         metadata={
             "help": "How to pick the language of each training pair: 'uniform' over languages whatever their corpus "
-            "size (the paper), 'proportional' to corpus size, or 'temperature' (size ** (1 / --sampling_temperature)). "
-            "--train_sampling_strategy group_by_length then batches the drawn pairs by length (less padding)."
+            "size (the paper), 'proportional' to corpus size, or 'temperature' (size ** (1 / "
+            "--sampling_temperature)). --train_sampling_strategy group_by_length then batches the drawn pairs by "
+            "length (less padding)."
         },
     )
     sampling_temperature: float = field(
@@ -285,11 +286,11 @@ class RealignArguments:
     same_meaning: str | None = field(
         default=None,
         metadata={
-            "help": "What the contrastive loss does with another translation of the same English sentence in the batch "
-            "(multi-way parallel data such as UDHR, FLORES or the Bible; pairs share a meaning when their normalised "
-            "English text, or the 'id' column of a local file, is the same): 'positive' (default: it counts as a "
-            "positive, as in supervised contrastive learning), 'ignore' (left out of the loss) or 'negative' (pushed "
-            "away like any other sentence: the paper's printed loss and the reference code, set by "
+            "help": "What the contrastive loss does with another translation of the same English sentence in the "
+            "batch (multi-way parallel data such as UDHR, FLORES or the Bible; pairs share a meaning when their "
+            "normalised English text, or the 'id' column of a local file, is the same): 'positive' (default: it "
+            "counts as a positive, as in supervised contrastive learning), 'ignore' (left out of the loss) or "
+            "'negative' (pushed away like any other sentence: the paper's printed loss and the reference code, set by "
             "--reference_compat). 'positive' is the default because it gave the best held-out retrieval in the "
             "quickstart's comparison (README, 'Same-meaning negatives'). On data without repeated sentences the "
             "three are the same loss."
@@ -298,18 +299,18 @@ class RealignArguments:
     gather_negatives: bool = field(
         default=False,
         metadata={
-            "help": "Under multi-process training, gather the pooled vectors of every process (with gradients) so each "
-            "pair has per_device_train_batch_size × world_size − 1 other pairs as negatives instead of "
+            "help": "Under multi-process training, gather the pooled vectors of every process (with gradients) so "
+            "each pair has per_device_train_batch_size × world_size − 1 other pairs as negatives instead of "
             "per_device_train_batch_size − 1."
         },
     )
     length_buckets: int = field(
         default=1,
         metadata={
-            "help": "Encode each batch's sentences in this many forward passes over rows of similar length, each padded "
-            "to its own longest row, instead of one pass padded to the batch's longest sentence. The batches, pooled "
-            "vectors and loss stay the same (up to float rounding); the computation spent on padding shrinks, which "
-            "saves time where compute grows with padded tokens, as on CPUs (the quickstart uses 4; README, "
+            "help": "Encode each batch's sentences in this many forward passes over rows of similar length, each "
+            "padded to its own longest row, instead of one pass padded to the batch's longest sentence. The batches, "
+            "pooled vectors and loss stay the same (up to float rounding); the computation spent on padding shrinks, "
+            "which saves time where compute grows with padded tokens, as on CPUs (the quickstart uses 4; README, "
             "Performance). Each bucket costs one host sync. Single-process runs only; sentence alignment only."
         },
     )
@@ -338,9 +339,9 @@ class RealignArguments:
             raise ValueError(f"--temperature must be a finite positive number (paper: 0.1), got {self.temperature}.")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Data
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def resolve_languages(data_args: DataArguments, seed: int) -> tuple[list[str], dict[str, Any]]:
@@ -616,7 +617,8 @@ def build_datasets(
     seed: int,
     with_eval: bool,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, dict[str, dict[str, int]]]:
-    """Tokenised training pairs of every language (with a `lang_id` column), held-out pairs, and per-language counts."""
+    """Tokenised training pairs of every language (with a `lang_id` column), held-out pairs, and per-language
+    counts."""
     registry = lang_registry.load_registry()
     train_parts, eval_parts, stats = [], [], {}
     per_language_cap = data_args.max_pairs_per_language
@@ -784,9 +786,9 @@ class PairCollator:
         return batch
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Model and Trainer
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def load_encoder(
@@ -915,7 +917,8 @@ class RealignTrainer(CachedLookups, Trainer):
         return self.pool_rows(model, input_ids, attention_mask, n_words)
 
     def pool_rows(self, model, input_ids, attention_mask, n_words, trim: bool = False) -> torch.Tensor:
-        """`pool` over one forward pass; `trim` first cuts the padding columns no row of these needs (one host sync)."""
+        """`pool` over one forward pass; `trim` first cuts the padding columns no row of these needs (one host
+        sync)."""
         if trim:
             width = int(attention_mask.sum(dim=1).max())
             input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]  # right-padded rows
@@ -1088,9 +1091,9 @@ class RealignTrainer(CachedLookups, Trainer):
             self.processing_class.save_pretrained(output_dir)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Entry point
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def parse_realign_args(argv: list[str] | None = None):
@@ -1274,7 +1277,8 @@ def write_model_card(trainer, settings, subset_info, eval_metrics) -> None:
             f"- Held-out retrieval accuracy (mean of both directions): {eval_metrics['eval_avg_retrieval_acc']:.4f}"
         )
         per_language = [
-            f"| {code} | {eval_metrics[f'eval_{code}_retrieval_en2xx']:.4f} | {eval_metrics[f'eval_{code}_retrieval_xx2en']:.4f} |"
+            f"| {code} | {eval_metrics[f'eval_{code}_retrieval_en2xx']:.4f} "
+            f"| {eval_metrics[f'eval_{code}_retrieval_xx2en']:.4f} |"
             for code in languages
             if f"eval_{code}_retrieval_en2xx" in eval_metrics and f"eval_{code}_retrieval_xx2en" in eval_metrics
         ]

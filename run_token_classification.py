@@ -302,8 +302,8 @@ class DataArguments:
     data_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Read every dataset from local files instead of the Hub (there is no fallback either way). Layout: "
-            "DIR/<source>/<config>/<split>.<ext>, with the Hub's source key (udpos, xtreme_udpos, masakhapos, "
+            "help": "Read every dataset from local files instead of the Hub (there is no fallback either way). "
+            "Layout: DIR/<source>/<config>/<split>.<ext>, with the Hub's source key (udpos, xtreme_udpos, masakhapos, "
             "wikiann, masakhaner), config (en, yor, udpos.English) and split (train for English, test otherwise), "
             "e.g. DIR/wikiann/yo/test.parquet or DIR/masakhaner/yor/test/0000.parquet (a parquet-branch folder). "
             "Formats: .parquet, .jsonl or .json with the Hub's columns (tokens and pos_tags / upos / ner_tags; labels "
@@ -381,9 +381,9 @@ class DataArguments:
         return [s.strip() for s in (self.eval_sources or "").split(",") if s.strip()]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Data
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def task_source_names(data_args: DataArguments) -> list[str]:
@@ -642,9 +642,9 @@ def tokenize_set(eval_set: EvalSet, tokenizer, max_length: int, data_args: DataA
     return EvalSet(eval_set.source, eval_set.language, tokenized.remove_columns("unscored_words"), eval_set.origin)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Model and metrics
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def load_tokenizer_and_model(model_args: ModelArguments, label_list: list[str], task: str):
@@ -729,9 +729,9 @@ def argmax_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Entry point
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def parse_token_classification_args(argv: list[str] | None = None):

@@ -200,9 +200,11 @@ class DataArguments:
     task: str = field(
         default="nli",
         metadata={
-            "help": "'nli': English XNLI training, zero-shot on the NLI sources (the paper). 'sib200': English SIB-200 "
-            "topic classification (Davlan/sib200, 7 topics, the companion paper's sentence-level task), zero-shot on "
-            "SIB-200's other languages; labels in the fixed order " + ", ".join(SIB200_LABELS) + ", matched by name."
+            "help": "'nli': English XNLI training, zero-shot on the NLI sources (the paper). 'sib200': English "
+            "SIB-200 topic classification (Davlan/sib200, 7 topics, the companion paper's sentence-level task), "
+            "zero-shot on SIB-200's other languages; labels in the fixed order "
+            + ", ".join(SIB200_LABELS)
+            + ", matched by name."
         },
     )
     eval_languages: str = field(
@@ -229,17 +231,18 @@ class DataArguments:
     data_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Read every dataset from local files instead of the Hub (there is no fallback either way). Layout: "
-            "DIR/<source>/<config>/<split>.<ext>, with the source key (xnli, afrixnli, americasnli, indonli, myxnli), "
-            "the Hub config (en, sw, swa, quy, indonli, default) and split (train for English; test, or test_expert "
-            "for IndoNLI), e.g. DIR/xnli/sw/test.parquet, DIR/afrixnli/swa/test.tsv, DIR/myxnli/default/test.jsonl "
-            "or DIR/indonli/indonli/test_expert/0000.parquet (a parquet-branch folder). Formats: .parquet, .jsonl, "
-            ".json or .tsv (header line) with the Hub's columns (premise, hypothesis, label; Myanmar-XNLI: "
-            "sentence1_my, sentence2_my, label); labels as ClassLabel ids, names (entailment, neutral, "
-            "contradiction; case-insensitive; IndoNLI's own e, n, c too) or integers 0/1/2 in that order. SIB-200: "
-            "DIR/sib200/<config>/<split>.tsv (e.g. DIR/sib200/eng_Latn/train.tsv, DIR/sib200/yor_Latn/test.tsv) "
-            "with the Hub's columns index_id, category, text. A (source, language) whose file is absent is skipped "
-            "with one warning listing them all; a file that is there but malformed is an error."
+            "help": "Read every dataset from local files instead of the Hub (there is no fallback either way). "
+            "Layout: DIR/<source>/<config>/<split>.<ext>, with the source key (xnli, afrixnli, americasnli, indonli, "
+            "myxnli), the Hub config (en, sw, swa, quy, indonli, default) and split (train for English; test, or "
+            "test_expert for IndoNLI), e.g. DIR/xnli/sw/test.parquet, DIR/afrixnli/swa/test.tsv, "
+            "DIR/myxnli/default/test.jsonl or DIR/indonli/indonli/test_expert/0000.parquet (a parquet-branch folder). "
+            "Formats: .parquet, .jsonl, .json or .tsv (header line) with the Hub's columns (premise, hypothesis, "
+            "label; Myanmar-XNLI: sentence1_my, sentence2_my, label); labels as ClassLabel ids, names (entailment, "
+            "neutral, contradiction; case-insensitive; IndoNLI's own e, n, c too) or integers 0/1/2 in that order. "
+            "SIB-200: DIR/sib200/<config>/<split>.tsv (e.g. DIR/sib200/eng_Latn/train.tsv, "
+            "DIR/sib200/yor_Latn/test.tsv) with the Hub's columns index_id, category, text. A (source, language) "
+            "whose file is absent is skipped with one warning listing them all; a file that is there but malformed is "
+            "an error."
         },
     )
     dataset_revisions: str | None = field(
@@ -312,9 +315,9 @@ class DataArguments:
         return TASKS[self.task]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Data
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def paper_languages(source: str, task: Task | None = None) -> list[str]:
@@ -470,9 +473,9 @@ def tokenize_set(eval_set: EvalSet, tokenizer, max_length: int, data_args: DataA
     return EvalSet(eval_set.source, eval_set.language, dataset, eval_set.origin)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Model and metrics
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def load_tokenizer_and_model(model_args: ModelArguments, label_list: list[str], task: str = "nli"):
@@ -517,9 +520,9 @@ def argmax_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Entry point
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def parse_xnli_args(argv: list[str] | None = None):

@@ -1,4 +1,5 @@
-"""Build realignment language subsets (URIEL featural diversity, family, script, random) and compare them with the paper.
+"""Build realignment language subsets (URIEL featural diversity, family, script, random) and compare them with the
+paper.
 
 Writes a subset YAML in the schema of `subsets/*.yaml` (loadable with `languages.load_subset`), or compares a subset
 file with what a strategy computes (overlap, Jaccard, and where the file's featural objective ranks among all subsets
@@ -133,9 +134,9 @@ SOLVERS = ("auto", "exhaustive", "milp", "local-search")
 LOW_OVERLAP = 0.5
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Arguments
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -275,7 +276,8 @@ class FeatureArguments:
         if self.features == "urielplus" and self.urielplus_databases and self.code_style == "macro":
             raise ValueError(
                 "URIEL+ with its databases uses Glottocodes and has no entry for the macrolanguage codes "
-                f"{', '.join(MACRO_TO_INDIVIDUAL)}; use --code_style individual (or auto), or --no_urielplus_databases."
+                f"{', '.join(MACRO_TO_INDIVIDUAL)}; use --code_style individual (or auto), or "
+                "--no_urielplus_databases."
             )
 
 
@@ -392,9 +394,9 @@ def file_strategy_name(strategy: str, pool: str) -> str:
     return f"{pool}-{short}"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Distances
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -587,9 +589,9 @@ def load_distances(registry: lang_registry.Registry, feature_args: FeatureArgume
     return DistanceMatrix(codes=codes, matrix=matrix, description=description, source_codes=source_codes)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # The objective and its solvers
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -749,7 +751,8 @@ def solve_exhaustive(problem: Problem, n: int, sense: str) -> Solution:
 
 
 def solve_milp(problem: Problem, n: int, sense: str, time_limit: float) -> Solution:
-    """Exact MILP (HiGHS): x_i binary, y_ij = x_i * x_j linearised, plus sum_j y_ij = (n-1) x_i (tight for both senses).
+    """Exact MILP (HiGHS): x_i binary, y_ij = x_i * x_j linearised, plus sum_j y_ij = (n-1) x_i (tight for both
+    senses).
 
     Proven optimal when HiGHS finishes within `time_limit`; otherwise returns its best subset (if any) and its bound.
     """
@@ -938,9 +941,9 @@ def _merge(heuristic: Solution, exact: Solution, sense: str) -> Solution:
     return Solution(best.indices, best.objective, solver, proven, heuristic.seconds + exact.seconds, bound, details)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Strategies
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def is_indo_european(language: lang_registry.Language) -> bool:
@@ -1107,9 +1110,9 @@ def select(
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Comparison with a subset file
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def objective_percentile(
@@ -1254,16 +1257,17 @@ def compare(
         if SENSE.get(strategy) and report["jaccard"] < LOW_OVERLAP:
             notes.append(
                 f"Low overlap (Jaccard {report['jaccard']:.2f}): the file's languages are not the "
-                f"{'maximum' if SENSE[strategy] == 'max' else 'minimum'} of this objective under {selection.features}. "
+                f"{'maximum' if SENSE[strategy] == 'max' else 'minimum'} of this objective under "
+                f"{selection.features}. "
                 "The paper's URIEL+ settings (feature sets, databases, imputation, code mapping) are not published, "
                 "so the paper's rows are not reproducible exactly; the percentile says how diverse the row is instead."
             )
     return report, selection
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Output
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def selection_metadata(selection: Selection) -> dict[str, Any]:
@@ -1457,7 +1461,8 @@ def format_comparison(report: dict[str, Any]) -> str:
         )
         if "file_position" in report:
             lines.append(
-                f"File's position between a random subset (0) and the computed subset (1): {report['file_position']:.2f}"
+                "File's position between a random subset (0) and the computed subset (1): "
+                f"{report['file_position']:.2f}"
             )
     selection = report["selection"]
     if "solver" in selection:

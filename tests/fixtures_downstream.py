@@ -64,7 +64,8 @@ MASAKHANER_TAGS = [*WIKIANN_TAGS, "B-DATE", "I-DATE"]
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
 
 # A MasakhaPOS sentence whose tags, read by position in the UDPOS order, would be wrong five times out of six:
-# MasakhaPOS ids [0, 8, 15, 0, 3, 1] mean NOUN DET VERB NOUN NUM PUNCT; as UDPOS ids they would be ADJ NUM VERB ADJ AUX ADP.
+# MasakhaPOS ids [0, 8, 15, 0, 3, 1] mean NOUN DET VERB NOUN NUM PUNCT; as UDPOS ids they would be
+# ADJ NUM VERB ADJ AUX ADP.
 MASAKHAPOS_CRAFTED = {
     "tokens": ["Ọmọ", "náà", "ka", "ìwé", "kan", "."],
     "names": ["NOUN", "DET", "VERB", "NOUN", "NUM", "PUNCT"],
@@ -346,7 +347,8 @@ SIB200_CATEGORIES = ["science/technology", "travel", "politics", "sports", "heal
 
 
 def sib200_rows(code: str, n: int, offset: int = 0) -> list[dict]:
-    """n SIB-200 rows: FLORES-style index ids shared across languages (the same sentence has the same id everywhere)."""
+    """n SIB-200 rows: FLORES-style index ids shared across languages (the same sentence has the same id
+    everywhere)."""
     return [
         {
             "index_id": str(1000 + offset + i),

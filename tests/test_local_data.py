@@ -255,7 +255,8 @@ def tc_argv(task: str, model: str, data_dir: Path, out: Path, *extra: str) -> li
 
 @pytest.fixture
 def utils_log():
-    """The records of the downstream_utils logger (the scripts' setup_logging replaces the root handlers caplog uses)."""
+    """The records of the downstream_utils logger (the scripts' setup_logging replaces the root handlers caplog
+    uses)."""
 
     class Collect(logging.Handler):
         def __init__(self):

@@ -71,7 +71,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-# -- the grid -----------------------------------------------------------------------------------------------------------
+# -- the grid ---------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -386,7 +386,7 @@ def test_slurm_array_script_runs_one_group_per_task(tmp_path):
     assert unset.returncode != 0 and "sbatch --array" in unset.stderr
 
 
-# -- realign_and_evaluate.sh --------------------------------------------------------------------------------------------
+# -- realign_and_evaluate.sh ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -404,7 +404,9 @@ def test_realign_and_evaluate_recipe(tiny_bert, parallel_dirs, downstream_dir, t
         TASKS="pos nli",
         EXTRA_ARGS=f"--use_cpu --cache_dir {tmp_path / 'cache'} --max_steps 2",
         REALIGN_ARGS=f"--parallel_data_dir {parallel_dirs['train']} --per_device_train_batch_size 4",
-        DOWNSTREAM_ARGS=f"--data_dir {downstream_dir} --eval_languages {EVAL_LANGUAGES} --per_device_train_batch_size 8",
+        DOWNSTREAM_ARGS=(
+            f"--data_dir {downstream_dir} --eval_languages {EVAL_LANGUAGES} --per_device_train_batch_size 8"
+        ),
     )
     command = ["bash", "recipes/realign_and_evaluate.sh", str(subset), tiny_bert, "17"]
     first = run(command, env)
@@ -441,7 +443,7 @@ def test_realign_and_evaluate_recipe(tiny_bert, parallel_dirs, downstream_dir, t
     assert "finished earlier" in run(command, changed).stdout
 
 
-# -- launch configs -----------------------------------------------------------------------------------------------------
+# -- launch configs ---------------------------------------------------------------------------------------------------
 
 
 def test_launch_configs_are_consistent():
@@ -547,7 +549,7 @@ def test_deepspeed_zero2_two_cpu_processes(tiny_bert, parallel_dirs, tmp_path):
     AutoModel.from_pretrained(out)
 
 
-# -- model card and Hub upload ------------------------------------------------------------------------------------------
+# -- model card and Hub upload ----------------------------------------------------------------------------------------
 
 
 def test_push_to_hub_uploads_the_card_with_the_realignment_section(tiny_xlmr, parallel_dirs, tmp_path, fake_hub):

@@ -114,7 +114,7 @@ def check_keys_and_averages(metrics: dict, expected: dict[str, list[str]], metri
     assert evaluated == {f"{s}_{c}" for s, codes in expected.items() for c in codes} | {f"{next(iter(expected))}_eng"}
 
 
-# -- end to end --------------------------------------------------------------------------------------------------------
+# -- end to end -------------------------------------------------------------------------------------------------------
 
 
 def test_pos_paper_set_end_to_end(tiny_xlmr, downstream_dir, cache_dir, tmp_path):
@@ -532,7 +532,8 @@ def test_hub_loading_routes_each_source_to_its_loader(tiny_bert, downstream_dir,
 
 
 def test_parquet_branch_layouts(downstream_dir, cache_dir, tmp_path, monkeypatch):
-    """refs/convert/parquet holds <config>/<split>/NNNN.parquet (or, in older conversions, <config>/<name>-<split>.parquet)."""
+    """refs/convert/parquet holds <config>/<split>/NNNN.parquet (or, in older conversions,
+    <config>/<name>-<split>.parquet)."""
     snapshot = tmp_path / "snapshot"
     shutil.copytree(downstream_dir / "masakhaner" / "yor", snapshot / "yor")
     shutil.copy(downstream_dir / "wikiann" / "yo" / "test.parquet", snapshot / "yor" / "masakhaner2-train.parquet")

@@ -428,7 +428,8 @@ def test_shared_copies_agree():
     # Its settings file name too: the guard of every script refuses a folder holding another script's run.
     assert realign_utils.REALIGN_SETTINGS_FILE == run_realign.SETTINGS_FILE
 
-    # Both downstream scripts declare the same model arguments and the paper's settings, epochs and save interval aside.
+    # Both downstream scripts declare the same model arguments and the paper's settings, epochs and save interval
+    # aside.
     def fields(cls):
         return [(f.name, f.default, f.metadata["help"]) for f in dataclasses.fields(cls)]
 

@@ -1,4 +1,5 @@
-"""Multi-way parallel batches: translations of one English sentence under --same_meaning positive / ignore / negative."""
+"""Multi-way parallel batches: translations of one English sentence under --same_meaning positive / ignore /
+negative."""
 
 from __future__ import annotations
 
