@@ -20,6 +20,7 @@ import transformers
 
 from realign_utils import (
     ENGLISH,
+    TRAINING_SETTING_KEYS,
     append_results,
     push_model_folder,
     read_text_lines,
@@ -31,21 +32,7 @@ logger = logging.getLogger(__name__)
 REALIGN_CONFIG_FILE = "realign_config.json"
 # Local file formats every downstream source accepts; scripts add their own raw formats (CoNLL-U, "token TAG" text).
 LOCAL_TABLE_EXTENSIONS = (".parquet", ".jsonl", ".json")
-FINETUNE_TRAINING_KEYS = (
-    "seed",
-    "max_steps",
-    "num_train_epochs",
-    "learning_rate",
-    "per_device_train_batch_size",
-    "world_size",
-    "gradient_accumulation_steps",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "weight_decay",
-    "optim",
-    "bf16",
-    "fp16",
-)
+FINETUNE_TRAINING_KEYS = TRAINING_SETTING_KEYS
 
 
 @dataclasses.dataclass(frozen=True)

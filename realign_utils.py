@@ -911,6 +911,22 @@ def save_metrics(trainer, split: str, metrics: dict[str, float]) -> None:
     write_json_atomic(combined_path, combined)
 
 
+# The TrainingArguments that change what a run trains: every script's settings guard records them.
+TRAINING_SETTING_KEYS = (
+    "seed",
+    "max_steps",
+    "num_train_epochs",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "world_size",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+    "bf16",
+    "fp16",
+)
 ENGLISH = "eng"  # the registry code of English, the source language of every pair and of downstream training
 # The settings file each script keeps in its output_dir (check_settings): a folder holding one is that script's run.
 REALIGN_SETTINGS_FILE = "realign_settings.json"  # run_realign.py's SETTINGS_FILE

@@ -45,6 +45,7 @@ import lang_registry
 from realign_extensions import DEPRECATED_FLAGS, MLM_HEAD_PREFIX, ExtensionArguments, RealignExtensions
 from realign_losses import SAME_MEANING_TREATMENTS, contrastive_alignment_loss, layer_hidden_states
 from realign_utils import (
+    TRAINING_SETTING_KEYS,
     asdict_public,
     check_settings,
     code_version,
@@ -1172,22 +1173,7 @@ def wants_eval(data_args: DataArguments, training_args: TrainingArguments) -> bo
 def run_settings(model_args, data_args, realign_args, extension_args, training_args, codes, subset_info) -> dict:
     """What determines the realigned checkpoint, as {model, data, loss, training}: a run in the same output_dir must
     match it, and realign_config.json and the model card report it."""
-    training_keys = (
-        "seed",
-        "max_steps",
-        "num_train_epochs",
-        "learning_rate",
-        "per_device_train_batch_size",
-        "world_size",
-        "gradient_accumulation_steps",
-        "lr_scheduler_type",
-        "warmup_steps",
-        "weight_decay",
-        "optim",
-        "bf16",
-        "fp16",
-        "train_sampling_strategy",
-    )
+    training_keys = (*TRAINING_SETTING_KEYS, "train_sampling_strategy")
     # --subset and --languages as typed are left out: `subset` and `languages` are what they resolve to.
     unrecorded = ("subset", "languages", "preprocessing_num_workers", "overwrite_cache")
     speed_only = ("length_buckets", *DEPRECATED_FLAGS)
