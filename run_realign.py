@@ -792,6 +792,15 @@ class PairCollator:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def load_tokenizer(model_args: ModelArguments):
+    return AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+
 def load_encoder(
     model_args: ModelArguments, realign_args: RealignArguments, extensions: RealignExtensions
 ) -> transformers.PreTrainedModel:
@@ -1288,26 +1297,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     set_seed(training_args.seed)
 
     codes, subset_info = resolve_languages(data_args, training_args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.tokenizer_name or model_args.model_name_or_path,
-        cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision,
-        trust_remote_code=model_args.trust_remote_code,
-    )
+    tokenizer = load_tokenizer(model_args)
     extensions = RealignExtensions(
         extension_args, realign_args.realign_layer, realign_args.temperature, realign_args.same_meaning
     )
     extensions.check_requirements(tokenizer)
+    with_eval = wants_eval(data_args, training_args)
     with training_args.main_process_first(desc="tokenising the parallel data"):
         train_dataset, eval_dataset, pair_stats = build_datasets(
-            codes,
-            tokenizer,
-            data_args,
-            realign_args,
-            extensions,
-            model_args.cache_dir,
-            training_args.seed,
-            wants_eval(data_args, training_args),
+            codes, tokenizer, data_args, realign_args, extensions, model_args.cache_dir, training_args.seed, with_eval
         )
     # Recorded once the data is known to be good, so that a run failing on its input leaves nothing behind.
     settings = run_settings(model_args, data_args, realign_args, extension_args, training_args, codes, subset_info)
