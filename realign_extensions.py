@@ -10,7 +10,7 @@ holds their flags; `run_realign.py` builds one `RealignExtensions` from them and
 - `tokenize_pairs` → `token_columns`, `cache_key`: `word_spans`; the concatenated pairs of `bow`
 - `PairCollator(extra_columns=...)` → `collate`: those columns as batch tensors
 - `load_encoder` → `attach_heads`, `needs_last_layer`: the pre-trained MLM head of `mlm`
-- `RealignTrainer(extra_loss_terms=)` → `loss_terms`: `(model, inputs) -> (loss, stats)` callables
+- `main`, into `RealignTrainer.loss_terms` → `loss_terms`: `(model, inputs) -> (loss, stats)` callables
 
 To add a loss term: write the tensor function in `realign_losses.py`, add its weight name to `LOSS_TERMS`, return
 its callable from `RealignExtensions.loss_terms`, and, if it needs batch columns, build them in `token_columns` and

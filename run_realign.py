@@ -493,7 +493,7 @@ def tokenize_pairs(
             out[f"{side}_input_ids"] = ids
             # The reference code's prefix pooling averages over as many positions as the sentence has words.
             out[f"{side}_n_words"] = [len(text.split()) for text in batch[side]]
-        if extensions is not None:
+        if extensions is not None:  # (extensions) the columns of their loss terms
             out.update(extensions.token_columns(batch, tokenizer, max_len, space_id))
         out["content_tokens"] = content
         return out
@@ -631,7 +631,7 @@ def build_datasets(
         raw = load_parallel(language, data_args, cache_dir)
         if not with_eval:
             raw["eval"] = None
-        # (--alignment word) Word links are extracted here, from the pairs that will be used.
+        # (extensions) --alignment word extracts its word links here, from the pairs that will be used.
         digest = extensions.prepare_language(raw, code, cache_dir, per_language_cap, seed) if extensions else None
         train_ds, counts = tokenize_pairs(
             raw["train"],
@@ -782,7 +782,7 @@ class PairCollator:
         }
         if "meaning_key" in features[0]:
             batch["meaning_key"] = torch.tensor([f["meaning_key"] for f in features], dtype=torch.long)
-        if self.extra_columns is not None:
+        if self.extra_columns is not None:  # (extensions)
             self.extra_columns(features, batch, self.pad_token_id, self.pad_to_multiple_of)
         return batch
 
@@ -830,7 +830,7 @@ def load_encoder(
     for module in frozen:
         if module is not None:
             module.requires_grad_(False)
-    extensions.attach_heads(model, load_kwargs, model_args.freeze_word_embeddings)
+    extensions.attach_heads(model, load_kwargs, model_args.freeze_word_embeddings)  # (extensions) the MLM head
     if realign_args.projection_head and extensions.weights["align"]:
         hidden = model.config.hidden_size
         # Registered on the model so checkpoints carry it for resuming; stripped from the final save.
@@ -874,9 +874,10 @@ class RealignTrainer(CachedLookups, Trainer):
     negative cosines and the same-meaning candidates per query; `evaluate()` adds per-language retrieval
     precision@1 on held-out pairs.
 
-    `extra_loss_terms` ({name: (weight, term)}, from `RealignExtensions.loss_terms`) adds weighted terms to the loss,
-    each a `(model, inputs) -> (loss, stats)` callable; an `align` entry replaces the sentence term (word-level
-    alignment). Unless the loss is the alignment term alone, each term is logged as `train_loss_{name}`.
+    `loss_terms` ({name: (weight, term)}) holds the weighted terms of the loss, each a `(model, inputs) -> (loss,
+    stats)` callable: the paper's sentence term as `align`, and whatever `main` adds from
+    `RealignExtensions.loss_terms` (an `align` entry there replaces the sentence term: word-level alignment).
+    Unless the loss is the alignment term alone, each term is logged as `train_loss_{name}`.
     """
 
     # compute_loss returns a per-batch mean, not a sum normalised by num_items_in_batch: the Trainer must divide it
@@ -890,7 +891,6 @@ class RealignTrainer(CachedLookups, Trainer):
         language_codes: list[str],
         sampling_probs: np.ndarray,
         align_weight: float = 1.0,
-        extra_loss_terms: dict[str, tuple[float, Callable]] | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -900,8 +900,9 @@ class RealignTrainer(CachedLookups, Trainer):
         self.special_ids = torch.tensor(sorted(set(self.processing_class.all_special_ids)), dtype=torch.long)
         self.pooling_ids = pooling_special_ids(self.processing_class)
         # The loss: {name: (weight, term)}, the paper's sentence alignment first.
-        self.loss_terms = {"align": (align_weight, self.sentence_alignment_loss)} if align_weight else {}
-        self.loss_terms.update(extra_loss_terms or {})
+        self.loss_terms: dict[str, tuple[float, Callable]] = {}
+        if align_weight:
+            self.loss_terms["align"] = (align_weight, self.sentence_alignment_loss)
         # Statistics stay detached tensors until logging: an .item() per step would make the GPU wait every step.
         self._train_stats: dict[str, list[torch.Tensor]] = defaultdict(list)
 
@@ -1328,6 +1329,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         sampling_probs=sampling_probs,
         align_weight=extensions.weights["align"],
     )
+    # (extensions) The companion paper's terms, which read the Trainer's cached lookups.
     trainer.loss_terms.update(extensions.loss_terms(tokenizer, trainer.unwrapped, trainer.special_ids_on))
     train_metrics, eval_metrics = {}, {}
     if training_args.do_train:
