@@ -549,6 +549,19 @@ def run_settings(model_args, data_args, training_args) -> dict[str, Any]:
     }
 
 
+def write_model_card(trainer, data_args, model_args, targets, metrics: dict[str, float]) -> None:
+    """The model card (and, with --push_to_hub, the upload) of the fine-tuned model, with its zero-shot scores."""
+    write_downstream_model_card(
+        trainer,
+        finetuned_from=model_args.model_name_or_path,
+        task_tag="text-classification",
+        dataset_ids=[s.hub_id for s in data_args.task_spec.sources.values()],
+        languages=[t.language for t in targets],
+        tags=[data_args.task, f"finetune-{model_args.finetune_mode}"],
+        metrics=metrics,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_xnli_args(argv)
     setup_logging(training_args)
@@ -565,12 +578,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_set = tokenize_set(raw_train, tokenizer, data_args.max_seq_length, data_args) if raw_train else None
         eval_sets = [tokenize_set(raw, tokenizer, eval_length, data_args) for raw in raw_evals]
     # Recorded once the data is known to be good, so that a run failing on its input leaves nothing behind.
-    check_settings(
-        training_args.output_dir,
-        run_settings(model_args, data_args, training_args),
-        FINETUNE_SETTINGS_FILE,
-        training_args.should_save,
-    )
+    settings = run_settings(model_args, data_args, training_args)
+    check_settings(training_args.output_dir, settings, FINETUNE_SETTINGS_FILE, training_args.should_save)
     last_checkpoint = detect_checkpoint(training_args)
 
     pad_multiple = 8 if torch.cuda.is_available() and not training_args.use_cpu else None
@@ -605,15 +614,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 run_dir=training_args.output_dir,
             )
     if training_args.do_train:
-        write_downstream_model_card(
-            trainer,
-            finetuned_from=model_args.model_name_or_path,
-            task_tag="text-classification",
-            dataset_ids=[s.hub_id for s in data_args.task_spec.sources.values()],
-            languages=[t.language for t in targets],
-            tags=[data_args.task, f"finetune-{model_args.finetune_mode}"],
-            metrics=metrics,
-        )
+        write_model_card(trainer, data_args, model_args, targets, metrics)
     return metrics
 
 
