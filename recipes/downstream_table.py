@@ -95,57 +95,45 @@ def build_table(runs, trained: set[str]) -> tuple[list[str], list[list[str]], li
     if len(models) > 1:
         header += [f"{m} − {models[0]}" for m in models[1:]]
     rows, records = [], []
-    for source, language in entries:
+
+    def add_row(cells: list[str], values_by_model: dict[str, list[float]], source: str, language: str, trained_: bool):
+        """One table row (mean ± std per model, then each model minus the first) and its CSV records."""
         means = {}
-        row = [source, language, "en (fine-tuning)" if language == ENGLISH else ("yes" if language in trained else "")]
         for m in models:
-            values = [scores[(source, language)] for scores in runs[m].values() if (source, language) in scores]
+            values = values_by_model[m]
             mean, std = mean_std(values) if values else (None, None)
             means[m] = mean
-            row.append(fmt(mean, std))
+            cells.append(fmt(mean, std))
             records.append(
                 {
                     "model": m,
                     "source": source,
                     "language": language,
-                    "trained": language in trained,
+                    "trained": trained_,
                     "mean": mean,
                     "std": std,
                     "seeds": len(values),
                 }
             )
-        row += [
+        cells += [
             fmt(None if means[m] is None or means[models[0]] is None else means[m] - means[models[0]])
             for m in models[1:]
         ]
-        rows.append(row)
+        rows.append(cells)
+
+    for source, language in entries:
+        flag = "en (fine-tuning)" if language == ENGLISH else ("yes" if language in trained else "")
+        values = {m: [s[(source, language)] for s in runs[m].values() if (source, language) in s] for m in models}
+        add_row([source, language, flag], values, source, language, language in trained)
     for group, title in (
         ("trained", "mean, trained languages"),
         ("other", "mean, other languages"),
         ("all", "mean, all zero-shot"),
     ):
-        row, means = ["", f"**{title}**", ""], {}
-        for m in models:
-            values = [g[group] for g in (group_means(s, trained) for s in runs[m].values()) if group in g]
-            mean, std = mean_std(values) if values else (None, None)
-            means[m] = mean
-            row.append(fmt(mean, std))
-            records.append(
-                {
-                    "model": m,
-                    "source": "",
-                    "language": group,
-                    "trained": group == "trained",
-                    "mean": mean,
-                    "std": std,
-                    "seeds": len(values),
-                }
-            )
-        row += [
-            fmt(None if means[m] is None or means[models[0]] is None else means[m] - means[models[0]])
-            for m in models[1:]
-        ]
-        rows.append(row)
+        values = {
+            m: [g[group] for g in (group_means(s, trained) for s in runs[m].values()) if group in g] for m in models
+        }
+        add_row(["", f"**{title}**", ""], values, "", group, group == "trained")
     return header, rows, records
 
 
