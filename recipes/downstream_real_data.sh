@@ -33,9 +33,9 @@ EVAL_LANGUAGES=${EVAL_LANGUAGES:-paper}   # every UDPOS + MasakhaPOS language; t
 # of every test set (scored up to 512 tokens, so no word is cut off), length-grouped batches of 32 with the paper's
 # linear schedule and 10 % warm-up, first-sub-word labelling. The learning rate is 1e-4 rather than the paper's 2e-5:
 # with 126 steps instead of the paper's thousands, 5e-5 and one epoch left multilingual-e5-small at 61 % in English;
-# these settings reach 87-88 %. Measured (docs/real_data.md): one run of multilingual-e5-small takes 8-9 minutes on 2
-# CPU cores shared with one other job (OMP_NUM_THREADS=1 each; two jobs with the default thread count each ran several
-# times slower).
+# these settings reach 87-89 %. Measured (docs/real_data.md): one run of multilingual-e5-small takes 7.5-10 minutes on
+# 2 CPU cores shared with one other job (OMP_NUM_THREADS=1 each; two jobs with the default thread count each ran
+# several times slower).
 DEFAULT_TRAIN_ARGS="--max_train_samples 2000 --num_train_epochs 2 --learning_rate 1e-4 --max_seq_length 128"
 DEFAULT_TRAIN_ARGS+=" --eval_max_seq_length 512 --max_eval_samples 100 --per_device_train_batch_size 32"
 DEFAULT_TRAIN_ARGS+=" --per_device_eval_batch_size 64 --train_sampling_strategy group_by_length --save_steps 100000"
